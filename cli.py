@@ -1,0 +1,8 @@
+"""Entry point: `python cli.py export|fold-bn|verify|inspect|deploy|models …`."""
+
+import sys
+
+from normdeploy.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
