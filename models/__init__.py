@@ -1,0 +1,13 @@
+"""Reference PyTorch models with normalization layers, and their registry.
+
+Every factory returns a model in eval mode whose BatchNorm statistics come from real train-mode
+passes over shifted and scaled random batches (seeded), and whose norm affine parameters are not
+the identity, so folding and export are tested on numbers that can go wrong.
+"""
+
+from __future__ import annotations
+
+from models._registry import REGISTRY, ReferenceModel, get, names, register  # noqa: F401
+from models import cnn, norms, transformer  # noqa: E402, F401  (registration side effect)
+
+__all__ = ["REGISTRY", "ReferenceModel", "get", "names", "register"]

@@ -1,0 +1,175 @@
+"""Resolve a MODEL argument to a PyTorch module and example inputs.
+
+MODEL is a reference model name (from the checkout's ``models/`` package) or an import path
+``package.module:factory``; the factory returns a module, or ``(module, example_inputs)``.
+Import paths come only from the MODEL argument; weights load with ``weights_only=True`` only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
+from normdeploy.io import check_input_file
+
+_IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+@dataclass
+class ResolvedModel:
+    """A module ready to export or verify, with where it came from."""
+
+    name: str
+    module: Any  # torch.nn.Module
+    example_inputs: tuple[Any, ...]
+    source: str
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """'1x3x224x224' → (1, 3, 224, 224); InvalidArgumentError on anything else."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        raise InvalidArgumentError(
+            f"--input-shape: '{text}' is not a shape like 1x3x224x224"
+        ) from None
+    if not dims or any(d <= 0 for d in dims):
+        raise InvalidArgumentError(f"--input-shape: '{text}' must have positive dims")
+    return dims
+
+
+def reference_registry() -> Any:
+    """The checkout's ``models`` package, or ModelSpecError when it is not importable."""
+    try:
+        return importlib.import_module("models")
+    except ImportError as exc:
+        raise ModelSpecError(
+            "reference models need the normdeploy checkout's models/ package on the path "
+            f"(run from the checkout, or pass package.module:factory): {exc}"
+        ) from None
+
+
+def _call_factory(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
+    mod_name, _, attr_path = spec.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ModelSpecError(
+            f"MODEL '{spec}': cannot import module '{mod_name}': {exc}"
+        ) from None
+    except Exception as exc:
+        raise ModelSpecError(
+            f"MODEL '{spec}': importing '{mod_name}' raised {type(exc).__name__}: {exc}"
+        ) from None
+    obj: Any = mod
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise ModelSpecError(
+                f"MODEL '{spec}': module '{mod_name}' has no attribute '{part}'"
+            )
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelSpecError(f"MODEL '{spec}': '{attr_path}' is not callable")
+    try:
+        made = obj()
+    except Exception as exc:
+        raise ModelSpecError(
+            f"MODEL '{spec}': factory raised {type(exc).__name__}: {exc}"
+        ) from None
+    if isinstance(made, tuple) and len(made) == 2:
+        module, inputs = made
+        if not isinstance(inputs, tuple):
+            inputs = (inputs,)
+        return module, inputs
+    return made, None
+
+
+def load_weights(module: Any, weights: str | os.PathLike[str]) -> None:
+    """Load a state_dict safely (``weights_only=True``) into ``module``, strictly."""
+    import pickle
+
+    import torch
+
+    p = check_input_file(weights, "weights")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise WeightsError(
+            f"{p}: refused to load: not a plain state_dict (weights_only=True); {first[:160]}"
+        ) from None
+    except Exception as exc:
+        raise WeightsError(f"{p}: cannot load weights ({type(exc).__name__})") from None
+    if (
+        isinstance(state, dict)
+        and "state_dict" in state
+        and isinstance(state["state_dict"], dict)
+    ):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+        raise WeightsError(f"{p}: not a state_dict (a mapping of parameter names to tensors)")
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s) e.g. '{missing[0]}'")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. '{unexpected[0]}'")
+        raise WeightsError(f"{p}: weights do not match the model: {'; '.join(parts)}")
+    for k, v in state.items():
+        if hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape):
+            raise WeightsError(
+                f"{p}: weight '{k}' has shape {tuple(v.shape)}, model expects "
+                f"{tuple(own[k].shape)}"
+            )
+    module.load_state_dict(state, strict=True)
+
+
+def resolve_model(
+    spec: str,
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+) -> ResolvedModel:
+    """Turn MODEL into a module and example inputs (see the module docstring)."""
+    import torch
+
+    if _IMPORT_PATH.match(spec):
+        module, inputs = _call_factory(spec)
+        name, source = spec.partition(":")[2].split(".")[-1], spec
+    elif ":" in spec or "/" in spec or spec.endswith((".py", ".pt", ".pth", ".onnx")):
+        if Path(spec).suffix == ".onnx":
+            raise ModelSpecError(f"MODEL '{spec}': expected a PyTorch model, got an ONNX file")
+        raise ModelSpecError(
+            f"MODEL '{spec}': not a reference model name or an import path package.module:factory"
+        )
+    else:
+        registry = reference_registry()
+        try:
+            ref = registry.get(spec)
+        except KeyError as exc:
+            raise ModelSpecError(f"MODEL: {exc.args[0]}") from None
+        module, inputs, name, source = ref.build(), ref.inputs(1), spec, f"models/{spec}"
+    if not isinstance(module, torch.nn.Module):
+        raise ModelSpecError(
+            f"MODEL '{spec}': factory returned {type(module).__name__}, not a torch.nn.Module"
+        )
+    if weights is not None:
+        load_weights(module, weights)
+    if input_shapes:
+        g = torch.Generator().manual_seed(0)
+        inputs = tuple(torch.randn(tuple(s), generator=g) for s in input_shapes)
+    if inputs is None:
+        raise ModelSpecError(
+            f"MODEL '{spec}': factory gave no example inputs; pass --input-shape (e.g. 1x3x224x224)"
+        )
+    return ResolvedModel(name=name, module=module, example_inputs=tuple(inputs), source=source)

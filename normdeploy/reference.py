@@ -1,0 +1,192 @@
+"""NumPy oracles for the four normalizations, written from their formulas in float64.
+
+These are the independent reference the tests and ``inspect``'s numerical confirmation compare
+against. Layout is channels-first: ``x`` has shape (N, C, *spatial) for batch, group and instance
+norm; layer norm normalizes the trailing ``len(normalized_shape)`` dimensions.
+
+    BatchNorm (inference): y = (x - running_mean) / sqrt(running_var + eps) * gamma + beta
+    BatchNorm (training):  mean, var over (N, *spatial); var is the biased (1/n) variance
+    LayerNorm:             mean, var over the trailing dims
+    GroupNorm:             channels split into G groups; mean, var over (C/G, *spatial) per sample
+    InstanceNorm:          mean, var over (*spatial) per sample and channel
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+Array = np.ndarray
+
+
+def _channel_shape(x: Array, axis: int = 1) -> tuple[int, ...]:
+    shape = [1] * x.ndim
+    shape[axis] = x.shape[axis]
+    return tuple(shape)
+
+
+def _affine(
+    y: Array, weight: Array | None, bias: Array | None, shape: tuple[int, ...]
+) -> Array:
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(shape)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(shape)
+    return y
+
+
+def batch_norm_inference(
+    x: Array,
+    running_mean: Array,
+    running_var: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+) -> Array:
+    """BatchNorm with running statistics (eval mode), channel axis 1."""
+    x = np.asarray(x, np.float64)
+    shape = _channel_shape(x)
+    mean = np.asarray(running_mean, np.float64).reshape(shape)
+    var = np.asarray(running_var, np.float64).reshape(shape)
+    return _affine((x - mean) / np.sqrt(var + eps), weight, bias, shape)
+
+
+def batch_norm_training(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+) -> tuple[Array, Array, Array]:
+    """BatchNorm with batch statistics (train mode). Returns (y, batch_mean, biased batch_var)."""
+    x = np.asarray(x, np.float64)
+    axes = tuple(i for i in range(x.ndim) if i != 1)
+    mean = x.mean(axis=axes)
+    var = ((x - mean.reshape(_channel_shape(x))) ** 2).mean(axis=axes)
+    y = batch_norm_inference(x, mean, var, weight, bias, eps)
+    return y, mean, var
+
+
+def layer_norm(
+    x: Array,
+    normalized_shape: Sequence[int] | int,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+) -> Array:
+    """LayerNorm over the trailing dims given by ``normalized_shape``."""
+    x = np.asarray(x, np.float64)
+    ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[-len(ns) :]) != ns:
+        raise ValueError(f"input shape {x.shape} does not end with normalized_shape {ns}")
+    axes = tuple(range(x.ndim - len(ns), x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    y = (x - mean) / np.sqrt(var + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(ns)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64).reshape(ns)
+    return y
+
+
+def group_norm(
+    x: Array,
+    num_groups: int,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+) -> Array:
+    """GroupNorm: statistics per sample over each group of C/G channels and all spatial positions.
+
+    ``weight``/``bias`` are per channel (PyTorch and ONNX opset 21 semantics).
+    """
+    x = np.asarray(x, np.float64)
+    n, c = x.shape[:2]
+    if c % num_groups:
+        raise ValueError(f"{c} channels are not divisible into {num_groups} groups")
+    g = x.reshape(n, num_groups, -1)
+    mean = g.mean(axis=2, keepdims=True)
+    var = ((g - mean) ** 2).mean(axis=2, keepdims=True)
+    y = ((g - mean) / np.sqrt(var + eps)).reshape(x.shape)
+    return _affine(y, weight, bias, _channel_shape(x))
+
+
+def instance_norm(
+    x: Array,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    eps: float = 1e-5,
+    running_mean: Array | None = None,
+    running_var: Array | None = None,
+) -> Array:
+    """InstanceNorm: per sample and channel over spatial dims, or with running stats if given."""
+    x = np.asarray(x, np.float64)
+    if running_mean is not None and running_var is not None:
+        return batch_norm_inference(x, running_mean, running_var, weight, bias, eps)
+    axes = tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    return _affine((x - mean) / np.sqrt(var + eps), weight, bias, _channel_shape(x))
+
+
+NORM_KINDS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm")
+
+
+def norm_kind(module: Any) -> str | None:
+    """'BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm' for torch norm modules, else None."""
+    name = type(module).__name__
+    for base in type(module).__mro__:
+        bname = base.__name__
+        if bname.startswith("_BatchNorm") or bname.startswith("BatchNorm"):
+            return "BatchNorm"
+        if bname.startswith("_InstanceNorm") or bname.startswith("InstanceNorm"):
+            return "InstanceNorm"
+        if bname == "LayerNorm":
+            return "LayerNorm"
+        if bname == "GroupNorm":
+            return "GroupNorm"
+    return None if name not in NORM_KINDS else name
+
+
+def _param(module: Any, name: str) -> Array | None:
+    t = getattr(module, name, None)
+    return None if t is None else t.detach().cpu().double().numpy()
+
+
+def module_oracle(module: Any, x: Array) -> Array:
+    """Eval-mode output of a torch norm module, computed by the formulas above in float64."""
+    kind = norm_kind(module)
+    w, b = _param(module, "weight"), _param(module, "bias")
+    if kind == "BatchNorm":
+        if getattr(module, "track_running_stats", True) and module.running_mean is not None:
+            rm, rv = _param(module, "running_mean"), _param(module, "running_var")
+            assert rm is not None and rv is not None
+            return batch_norm_inference(x, rm, rv, w, b, module.eps)
+        return batch_norm_training(x, w, b, module.eps)[0]
+    if kind == "LayerNorm":
+        return layer_norm(x, tuple(module.normalized_shape), w, b, module.eps)
+    if kind == "GroupNorm":
+        return group_norm(x, module.num_groups, w, b, module.eps)
+    if kind == "InstanceNorm":
+        x = np.asarray(x, np.float64)
+        unbatched = (
+            x.ndim == module._get_no_batch_dim()
+            if hasattr(module, "_get_no_batch_dim")
+            else False
+        )
+        xb = x[None] if unbatched else x
+        if module.track_running_stats and module.running_mean is not None:
+            y = instance_norm(
+                xb,
+                w,
+                b,
+                module.eps,
+                _param(module, "running_mean"),
+                _param(module, "running_var"),
+            )
+        else:
+            y = instance_norm(xb, w, b, module.eps)
+        return y[0] if unbatched else y
+    raise TypeError(f"no numpy oracle for {type(module).__name__}")
