@@ -157,18 +157,7 @@ def compare_onnx_models(
     """
     ref_runner = OrtRunner(reference, provider)
     cand_runner = OrtRunner(candidate, provider)
-    specs = (
-        graph_input_specs(
-            reference
-            if isinstance(reference, onnx.ModelProto)
-            else onnx.load_model(
-                str(reference) if not isinstance(reference, bytes) else reference,
-                load_external_data=False,
-            )
-        )
-        if not isinstance(reference, bytes)
-        else graph_input_specs(onnx.load_from_string(reference))
-    )
+    specs = graph_input_specs(_header_proto(reference))
     results: list[ArrayComparison] = []
     seen: set[tuple] = set()
     for batch in batch_sizes:
@@ -189,3 +178,12 @@ def compare_onnx_models(
             tol = tolerance or default_tolerance(e.dtype, provider)
             results.append(compare_arrays(f"{e_name}@b{batch}", e, actual[a_name], tol))
     return results
+
+
+def _header_proto(model: Any) -> onnx.ModelProto:
+    """The model's proto, without reading external data (only its inputs are needed)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load_model(str(model), load_external_data=False)
