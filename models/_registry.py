@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -18,8 +19,10 @@ class ReferenceModel:
     example_input: Callable[[int], torch.Tensor]
 
     def build(self) -> nn.Module:
-        """A fresh, calibrated model in eval mode."""
-        return self.factory()
+        """A fresh, calibrated model in eval mode; the same weights on every call."""
+        with torch.random.fork_rng():
+            torch.manual_seed(zlib.crc32(self.name.encode()))
+            return self.factory()
 
     def inputs(self, batch_size: int = 1) -> tuple[torch.Tensor, ...]:
         """Example inputs at ``batch_size`` (seeded)."""

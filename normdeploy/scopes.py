@@ -1,9 +1,9 @@
 """Map ONNX nodes back to the PyTorch modules they came from.
 
-Both exporters leave a trail: the dynamo exporter writes ``pkg.torch.onnx.name_scopes`` (a list
-of module paths ending with the FX node name) into each node's metadata; the TorchScript exporter
-names nodes ``/layer1/conv1/Conv``. Graph rewrites keep the metadata of the node they replace
-(onnxscript marks them with ``pkg.onnxscript.rewriter.rule_name``).
+Both exporters leave a trail: the dynamo exporter writes ``pkg.torch.onnx.name_scopes`` (a
+list of module paths ending with the FX node name) into each node's metadata; the TorchScript
+exporter names nodes ``/layer1/conv1/Conv``. Graph rewrites keep the metadata of the node they
+replace (onnxscript marks them with ``pkg.onnxscript.rewriter.rule_name``).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def node_module_path(node: onnx.NodeProto) -> str | None:
 
 
 def node_module_class(node: onnx.NodeProto) -> str | None:
-    """Qualified class of the innermost module (dynamo exporter only), e.g. 'torch.nn...LayerNorm'."""
+    """Qualified class of the innermost module (dynamo exporter only)."""
     hierarchy = _literal_list(node_metadata(node).get(CLASS_HIERARCHY_KEY, ""))
     return hierarchy[-2] if len(hierarchy) >= 2 else None
 
 
 def rewrite_rules(node: onnx.NodeProto) -> list[str]:
-    """Names of the exporter's rewrite rules that produced ``node`` (e.g. FuseBatchNormIntoConv)."""
+    """Exporter rewrite rules that produced ``node`` (e.g. FuseBatchNormIntoConv)."""
     text = node_metadata(node).get(REWRITE_RULE_KEY, "")
     return [r.strip() for r in text.split(",") if r.strip()]
 
@@ -57,7 +57,7 @@ def rewrite_rules(node: onnx.NodeProto) -> list[str]:
 def nodes_by_module(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     """Top-level graph nodes grouped by the module path they came from (unknown ones left out).
 
-    A node belongs to every enclosing module, so ``layer1`` lists the nodes of ``layer1.conv1``.
+    A node belongs to every enclosing module: ``layer1`` lists the nodes of ``layer1.conv1``.
     """
     out: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:

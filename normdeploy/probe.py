@@ -1,0 +1,105 @@
+"""Look inside both sides: intermediate ONNX values and PyTorch module outputs.
+
+Used by ``inspect`` (confirm each LayerNorm/GroupNorm numerically) and by ``verify``'s
+bisection. ONNX values become extra graph outputs on a copy of the model; PyTorch module
+outputs are caught with forward hooks on a deep copy of the module in eval mode (the caller's
+module is untouched).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+
+from normdeploy.scopes import node_module_path
+
+
+def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the given intermediate values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    existing = {o.name for o in out.graph.output}
+    wanted = [n for n in dict.fromkeys(names) if n and n not in existing]
+    if not wanted:
+        return out
+    known = {vi.name: vi for vi in out.graph.value_info}
+    if any(n not in known for n in wanted):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(out, strict_mode=False)
+            known.update({vi.name: vi for vi in inferred.graph.value_info})
+        except Exception:  # inference is best effort; untyped outputs still run in ORT
+            pass
+    for name in wanted:
+        vi = onnx.ValueInfoProto()
+        if name in known:
+            vi.CopyFrom(known[name])
+        else:
+            vi.name = name
+        out.graph.output.append(vi)
+    return out
+
+
+def module_output_values(graph: onnx.GraphProto) -> dict[str, str]:
+    """For each module path, the ONNX value that is its output (the last leaving its nodes).
+
+    Modules whose nodes all vanished (e.g. a BatchNorm folded into its Conv) are absent:
+    callers must report them as having no counterpart rather than silently skipping them.
+    """
+    nodes = list(graph.node)
+    members: dict[str, set[int]] = {}
+    for i, node in enumerate(nodes):
+        path = node_module_path(node)
+        if path is None:
+            continue
+        parts = path.split(".") if path else []
+        for depth in range(len(parts) + 1):
+            members.setdefault(".".join(parts[:depth]), set()).add(i)
+    consumers: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            consumers.setdefault(name, []).append(i)
+    graph_outputs = {o.name for o in graph.output}
+    result: dict[str, str] = {}
+    for path, inside in members.items():
+        leaving = [
+            (i, out)
+            for i in inside
+            for out in nodes[i].output
+            if out
+            and (out in graph_outputs or any(c not in inside for c in consumers.get(out, [])))
+        ]
+        if leaving:
+            result[path] = max(leaving)[1]
+    return result
+
+
+def capture_module_outputs(
+    module: Any, inputs: Sequence[Any], paths: Iterable[str]
+) -> dict[str, np.ndarray]:
+    """Eval-mode outputs of the named submodules (the first tensor of tuple outputs)."""
+    import torch
+
+    model = copy.deepcopy(module).eval()
+    named = dict(model.named_modules())
+    captured: dict[str, np.ndarray] = {}
+
+    def hook_for(path: str) -> Any:
+        def hook(_mod: Any, _inp: Any, output: Any) -> None:
+            t = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(t, torch.Tensor):
+                captured[path] = t.detach().cpu().numpy()
+
+        return hook
+
+    handles = [named[p].register_forward_hook(hook_for(p)) for p in paths if p in named]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return captured
