@@ -1,0 +1,40 @@
+"""Provider choice and stress inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from normdeploy import runtime
+from normdeploy.errors import InvalidArgumentError
+from normdeploy.runtime import CPU, CUDA, InputSpec, make_feeds, resolve_providers
+
+
+def test_default_providers_use_cuda_only_when_present(monkeypatch):
+    monkeypatch.setattr(runtime, "available_providers", lambda: [CPU])
+    choice = resolve_providers(None)
+    assert choice.providers == (CPU,)
+    assert any("CUDA not used" in n for n in choice.notes)
+    monkeypatch.setattr(runtime, "available_providers", lambda: [CUDA, CPU])
+    assert resolve_providers(None).providers == (CPU, CUDA)
+
+
+def test_requesting_missing_or_unknown_provider_is_a_user_error(monkeypatch):
+    monkeypatch.setattr(runtime, "available_providers", lambda: [CPU])
+    with pytest.raises(InvalidArgumentError, match="'cuda' is not available"):
+        resolve_providers("cpu,cuda")
+    with pytest.raises(InvalidArgumentError, match="unknown provider 'tpu'"):
+        resolve_providers("tpu")
+    assert resolve_providers("cpu").providers == (CPU,)
+
+
+def test_stress_inputs_are_signed_with_outliers_and_a_constant_channel():
+    spec = InputSpec("x", np.dtype("float32"), ("batch", 4, 16, 16))
+    x = make_feeds([spec], batch_size=3, seed=1)["x"]
+    assert x.shape == (3, 4, 16, 16) and x.dtype == np.float32
+    assert x.min() < 0 < x.max()
+    assert np.abs(x).max() > 10 * np.median(np.abs(x))  # outliers
+    assert np.ptp(x[:, 3]) == 0  # constant channel
+    np.testing.assert_array_equal(x, make_feeds([spec], batch_size=3, seed=1)["x"])  # seeded
+    ids = make_feeds([InputSpec("ids", np.dtype("int64"), (2, 5))], seed=0)["ids"]
+    assert ids.dtype == np.int64 and ids.shape == (2, 5) and ids.min() >= 0
