@@ -1,0 +1,568 @@
+"""Fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear module that feeds it, with torch.fx.
+
+For a BatchNorm with running statistics μ, σ², affine γ, β (1 and 0 when ``affine=False``) and eps ε
+that reads only the output of a producer with weight W and bias b (0 when absent)::
+
+    s  = γ / √(σ² + ε)          (per output channel)
+    W' = W · s                  (along the producer's output-channel axis)
+    b' = (b − μ) · s + β
+
+The output-channel axis is 0 for Conv and Linear weights (C_out, C_in/groups, k…) and axis 1 *within
+each group* for ConvTranspose weights (C_in, C_out/groups, k…). The arithmetic runs in float64 and is
+cast once to the parameter dtype.
+
+The pass works on a deep copy (the caller's module, its mode and its statistics are left alone):
+torch.fx traces the copy to find producer → BatchNorm pairs anywhere in the forward code, each pair is
+checked for the conditions under which folding is exact (see :func:`_check_pair`), the producer's
+parameters are replaced and the BatchNorm becomes ``nn.Identity``. The copy keeps its own class and
+forward. When the forward cannot be traced, traceable submodules are folded on their own and the
+rest is left as it was. Every BatchNorm gets a ledger entry: folded into which module, or why not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from normdeploy.errors import InvalidArgumentError
+from normdeploy.report import markdown_table, text_table
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BnFoldEntry",
+    "ModuleFoldResult",
+    "fold_bn_into_weights",
+    "fold_bn_module",
+    "fold_bn_module_with_ledger",
+]
+
+
+@dataclass(frozen=True)
+class _ProducerLayout:
+    """Where a producer's output channels sit in its output and in its weight."""
+
+    spatial_dims: int  # output rank is spatial_dims + 2 (batched conv) or 2 (Linear)
+    transposed: (
+        bool  # weight is (C_in, C_out/groups, k...) instead of (C_out, C_in/groups, k...)
+    )
+
+
+# Exact types only: a subclass may transform its weight in forward (weight standardization,
+# parametrizations), which would make folding into the stored weight wrong.
+_PRODUCERS: dict[type[nn.Module], _ProducerLayout] = {
+    nn.Linear: _ProducerLayout(0, transposed=False),
+    nn.Conv1d: _ProducerLayout(1, transposed=False),
+    nn.Conv2d: _ProducerLayout(2, transposed=False),
+    nn.Conv3d: _ProducerLayout(3, transposed=False),
+    nn.ConvTranspose1d: _ProducerLayout(1, transposed=True),
+    nn.ConvTranspose2d: _ProducerLayout(2, transposed=True),
+    nn.ConvTranspose3d: _ProducerLayout(3, transposed=True),
+}
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# BatchNorm2d/3d reject any other input rank, so their rank is known without running the model.
+_FIXED_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+_FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
+
+
+def fold_bn_into_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of the producer with the BatchNorm folded in; pure, float64 inside.
+
+    ``transposed`` selects the ConvTranspose layout (C_in, C_out/groups, k…); ``groups`` matters
+    only there. Results have ``weight``'s device and dtype (``bias``'s dtype for b' if given).
+    """
+    c_out = running_mean.numel()
+    if running_var.numel() != c_out:
+        raise InvalidArgumentError(
+            f"running_var has {running_var.numel()} elements, running_mean has {c_out}"
+        )
+
+    def f64(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        if t is None:
+            return torch.full((c_out,), default, dtype=torch.float64)
+        if t.numel() != c_out:
+            raise InvalidArgumentError(
+                f"BatchNorm parameter has {t.numel()} elements, not {c_out}"
+            )
+        return t.detach().to("cpu", torch.float64).reshape(c_out)
+
+    scale = f64(gamma, 1.0) / torch.sqrt(f64(running_var, 0.0) + float(eps))
+    new_bias = (f64(bias, 0.0) - f64(running_mean, 0.0)) * scale + f64(beta, 0.0)
+
+    w = weight.detach().to("cpu", torch.float64)
+    kernel_ones = [1] * (w.dim() - 2)
+    if transposed:
+        if groups < 1 or w.dim() < 2 or w.shape[0] % groups or w.shape[1] * groups != c_out:
+            raise InvalidArgumentError(
+                f"ConvTranspose weight {tuple(w.shape)} with groups={groups} does not have "
+                f"{c_out} output channels"
+            )
+        per_group_out = w.shape[1]
+        grouped = w.reshape(groups, w.shape[0] // groups, per_group_out, *w.shape[2:])
+        grouped = grouped * scale.reshape(groups, 1, per_group_out, *kernel_ones)
+        new_weight = grouped.reshape(w.shape)
+    else:
+        if w.dim() < 1 or w.shape[0] != c_out:
+            raise InvalidArgumentError(
+                f"weight {tuple(w.shape)} does not have {c_out} output channels on axis 0"
+            )
+        new_weight = w * scale.reshape(c_out, *([1] * (w.dim() - 1)))
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return (
+        new_weight.to(device=weight.device, dtype=weight.dtype),
+        new_bias.to(device=weight.device, dtype=bias_dtype),
+    )
+
+
+@dataclass(frozen=True)
+class BnFoldEntry:
+    """One BatchNorm: folded into ``folded_into``, or skipped because of ``reason``."""
+
+    batch_norm: str
+    bn_type: str
+    folded_into: str | None = None
+    producer_type: str | None = None
+    reason: str = ""
+
+    @property
+    def folded(self) -> bool:
+        return self.folded_into is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_norm": self.batch_norm,
+            "bn_type": self.bn_type,
+            "folded": self.folded,
+            "folded_into": self.folded_into,
+            "producer_type": self.producer_type,
+            "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
+class ModuleFoldResult:
+    """The folded copy (eval mode) and a ledger with one entry per BatchNorm."""
+
+    module: nn.Module = field(repr=False, compare=False)
+    entries: tuple[BnFoldEntry, ...]
+    traced: bool
+    trace_error: str | None = None
+    shape_error: str | None = None
+
+    @property
+    def folded(self) -> tuple[BnFoldEntry, ...]:
+        return tuple(e for e in self.entries if e.folded)
+
+    @property
+    def skipped(self) -> tuple[BnFoldEntry, ...]:
+        return tuple(e for e in self.entries if not e.folded)
+
+    @property
+    def modified(self) -> bool:
+        return bool(self.folded)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "traced": self.traced,
+            "trace_error": self.trace_error,
+            "shape_error": self.shape_error,
+            "folded": len(self.folded),
+            "skipped": len(self.skipped),
+            "entries": [e.to_dict() for e in self.entries],
+        }
+
+    def _rows(self) -> list[list[str]]:
+        return [
+            [
+                e.batch_norm,
+                e.bn_type,
+                "folded" if e.folded else "skipped",
+                "" if e.folded_into is None else f"{e.folded_into} ({e.producer_type})",
+                e.reason,
+            ]
+            for e in self.entries
+        ]
+
+    def _summary(self) -> str:
+        line = f"BatchNorm folding: {len(self.folded)} folded, {len(self.skipped)} skipped"
+        if not self.traced:
+            line += f"; forward not traceable by torch.fx ({self.trace_error})"
+        if self.shape_error:
+            line += f"; example inputs did not run ({self.shape_error})"
+        return line
+
+    _HEADERS = ("BatchNorm", "type", "status", "folded into", "reason")
+
+    def to_text(self) -> str:
+        return self._summary() + "\n" + text_table(self._HEADERS, self._rows())
+
+    def to_markdown(self) -> str:
+        return self._summary() + "\n\n" + markdown_table(self._HEADERS, self._rows())
+
+
+def fold_bn_module(module: nn.Module, example_inputs: Any = None) -> nn.Module:
+    """A folded deep copy of ``module`` in eval mode; see :func:`fold_bn_module_with_ledger`."""
+    return fold_bn_module_with_ledger(module, example_inputs).module
+
+
+def fold_bn_module_with_ledger(
+    module: nn.Module, example_inputs: Any = None
+) -> ModuleFoldResult:
+    """Fold every provably foldable BatchNorm in a deep copy of ``module``; never touch ``module``.
+
+    ``example_inputs`` (a tensor or a tuple of positional inputs) lets BatchNorm1d pairs be proved by
+    the rank of the tensor BatchNorm actually sees; without it they are skipped with a reason.
+    """
+    if not isinstance(module, nn.Module):
+        raise InvalidArgumentError(
+            f"fold_bn_module needs an nn.Module, got {type(module).__name__}"
+        )
+    try:
+        work = copy.deepcopy(module)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"module {type(module).__name__} cannot be deep-copied ({exc}); "
+            "folding never modifies the caller's module"
+        ) from exc
+    # Mode as handed over. The result always has eval semantics (running statistics), which
+    # is what deployment needs; the ledger says which BatchNorms arrived in train mode.
+    bn_training = {id(m): m.training for m in work.modules() if _is_batch_norm(m)}
+    work.eval()
+
+    graphs, untraceable = _trace_tree(work)
+    trace_error = untraceable.get("", None)
+    ranks, shape_error = _bn_input_ranks(work, example_inputs)
+    usage = _Usage.collect(work, graphs)
+
+    entries: dict[int, BnFoldEntry] = {}
+    folds: list[tuple[str, str, _ProducerLayout]] = []
+    for prefix, graph in graphs:
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
+                name = f"{prefix}{node.name}"
+                entries[id(node)] = BnFoldEntry(
+                    name, "F.batch_norm", reason="functional batch_norm call, not a module"
+                )
+                continue
+            if node.op != "call_module":
+                continue
+            bn_path = prefix + str(node.target)
+            bn = work.get_submodule(bn_path)
+            if not _is_batch_norm(bn) or id(bn) in entries:
+                continue
+            producer_path, reason = _check_pair(
+                work,
+                node,
+                prefix,
+                bn_path,
+                bn,
+                usage,
+                ranks,
+                example_inputs,
+            )
+            if reason is not None:
+                entries[id(bn)] = BnFoldEntry(bn_path, type(bn).__name__, reason=reason)
+                continue
+            assert producer_path is not None
+            producer = work.get_submodule(producer_path)
+            layout = _PRODUCERS[type(producer)]
+            folds.append((producer_path, bn_path, layout))
+            notes = []
+            if bn_training[id(bn)]:
+                notes.append(
+                    "handed over in train mode; folded with running statistics (eval)"
+                )
+            if trace_error is not None:
+                notes.append(
+                    f"inside traceable '{prefix[:-1]}'; the untraceable forward around it is "
+                    "assumed to call it only as a whole"
+                )
+            note = "; ".join(notes)
+            entries[id(bn)] = BnFoldEntry(
+                bn_path,
+                type(bn).__name__,
+                producer_path,
+                type(producer).__name__,
+                note,
+            )
+
+    for producer_path, bn_path, layout in folds:
+        _apply_fold(work, producer_path, bn_path, layout)
+
+    for path, mod in work.named_modules():
+        if _is_batch_norm(mod) and id(mod) not in entries:
+            entries[id(mod)] = BnFoldEntry(
+                path, type(mod).__name__, reason=_unseen_reason(path, untraceable)
+            )
+
+    ledger = tuple(entries.values())
+    for e in ledger:
+        logger.debug("%s: %s", e.batch_norm, e.reason)
+    logger.info("folded %d of %d BatchNorm layers", sum(e.folded for e in ledger), len(ledger))
+    return ModuleFoldResult(
+        module=work.eval(),
+        entries=ledger,
+        traced=trace_error is None,
+        trace_error=trace_error,
+        shape_error=shape_error,
+    )
+
+
+def _is_batch_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+
+
+def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, str]]:
+    """fx graphs of the root, or of its outermost traceable submodules when the root fails.
+
+    Returns ``[(prefix, graph)]`` (prefix: qualified name + '.') and ``{path: trace error}``.
+    """
+    tracer = fx.Tracer()
+    graphs: list[tuple[str, fx.Graph]] = []
+    untraceable: dict[str, str] = {}
+
+    def visit(mod: nn.Module, path: str) -> None:
+        try:
+            graph = fx.Tracer().trace(mod)
+        except Exception as exc:  # any failure means "not provable here"; look inside
+            untraceable[path] = (
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
+            for name, child in mod.named_children():
+                if not tracer.is_leaf_module(child, name):
+                    visit(child, f"{path}.{name}" if path else name)
+            return
+        graphs.append((f"{path}." if path else "", graph))
+
+    visit(root, "")
+    if "" in untraceable:
+        logger.info("forward is not traceable by torch.fx (%s)", untraceable[""])
+    return graphs, untraceable
+
+
+def _bn_input_ranks(
+    root: nn.Module, example_inputs: Any
+) -> tuple[dict[int, set[int]], str | None]:
+    """Ranks of the tensors each BatchNorm receives when the eval copy runs the example inputs."""
+    if example_inputs is None:
+        return {}, None
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    ranks: dict[int, set[int]] = defaultdict(set)
+
+    def record(mod: nn.Module, inputs: tuple[Any, ...]) -> None:
+        if inputs and isinstance(inputs[0], torch.Tensor):
+            ranks[id(mod)].add(inputs[0].dim())
+
+    handles = [
+        m.register_forward_pre_hook(record) for m in root.modules() if _is_batch_norm(m)
+    ]
+    try:
+        with torch.no_grad():
+            root(*args)
+    except Exception as exc:
+        logger.warning("example inputs did not run through the module: %s", exc)
+        return {}, f"{type(exc).__name__}: {exc}"
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(ranks), None
+
+
+@dataclass(frozen=True)
+class _Usage:
+    """Who uses what, over the whole tree and every traced graph."""
+
+    paths: dict[int, list[str]]  # module id → every path it is registered at
+    calls: Counter[int]  # module id → call_module count over all graphs
+    attr_reads: Counter[int]  # module id → get_attr reads of its parameters/buffers
+    param_owners: Counter[int]  # parameter id → registrations
+
+    @classmethod
+    def collect(cls, root: nn.Module, graphs: Iterable[tuple[str, fx.Graph]]) -> _Usage:
+        paths: dict[int, list[str]] = defaultdict(list)
+        for path, mod in root.named_modules(remove_duplicate=False):
+            paths[id(mod)].append(path)
+        calls: Counter[int] = Counter()
+        attr_reads: Counter[int] = Counter()
+        for prefix, graph in graphs:
+            for node in graph.nodes:
+                if node.op == "call_module":
+                    calls[id(root.get_submodule(prefix + str(node.target)))] += 1
+                elif node.op == "get_attr":
+                    owner, _, _ = (prefix + str(node.target)).rpartition(".")
+                    with contextlib.suppress(AttributeError):
+                        attr_reads[id(root.get_submodule(owner))] += 1
+        param_owners = Counter(id(p) for _, p in root.named_parameters(remove_duplicate=False))
+        return cls(paths, calls, attr_reads, param_owners)
+
+    def sharing_reason(self, mod: nn.Module, what: str) -> str | None:
+        """Why ``mod`` is not used exactly once through its own forward, or None."""
+        if len(self.paths[id(mod)]) > 1:
+            return f"{what} is registered at {len(self.paths[id(mod)])} paths (shared module)"
+        if self.calls[id(mod)] != 1:
+            return f"{what} is called {self.calls[id(mod)]} times (shared weights)"
+        if self.attr_reads[id(mod)]:
+            return f"{what}'s parameters are also read directly in forward"
+        if mod._forward_hooks or mod._forward_pre_hooks:
+            return f"{what} has forward hooks"
+        for name, p in mod.named_parameters(recurse=False):
+            if self.param_owners[id(p)] > 1:
+                return f"{what}'s {name} is shared with another module"
+        return None
+
+
+def _check_pair(
+    root: nn.Module,
+    bn_node: fx.Node,
+    prefix: str,
+    bn_path: str,
+    bn: nn.Module,
+    usage: _Usage,
+    ranks: dict[int, set[int]],
+    example_inputs: Any,
+) -> tuple[str | None, str | None]:
+    """The producer path if BatchNorm ``bn_node`` folds exactly, else (None, reason)."""
+
+    def fail(reason: str) -> tuple[None, str]:
+        return None, reason
+
+    if any(
+        isinstance(t, nn.parameter.UninitializedTensorMixin) for t in bn.state_dict().values()
+    ):
+        return fail("lazy BatchNorm is not initialised")
+    if type(bn) not in _BATCH_NORMS:
+        return fail(f"custom BatchNorm subclass {type(bn).__name__}; its forward is unknown")
+    if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
+        return fail("no running statistics (track_running_stats=False): uses batch statistics")
+    if (reason := usage.sharing_reason(bn, "BatchNorm")) is not None:
+        return fail(reason)
+    stats = [bn.running_mean, bn.running_var, bn.weight, bn.bias]
+    if not all(torch.isfinite(t).all() for t in stats if t is not None):
+        return fail("non-finite running statistics or affine parameters")
+    if not bool((bn.running_var.double() + bn.eps > 0).all()):
+        return fail("running_var + eps is not positive")
+
+    src = bn_node.args[0] if bn_node.args else None
+    if not isinstance(src, fx.Node) or len(bn_node.args) != 1 or bn_node.kwargs:
+        return fail("BatchNorm is not called on a single tensor")
+    if src.op != "call_module":
+        what = (
+            src.target
+            if src.op != "call_function"
+            else getattr(src.target, "__name__", src.target)
+        )
+        return fail(
+            f"input comes from {src.op} '{what}', not a Conv/ConvTranspose/Linear module"
+        )
+    producer_path = prefix + str(src.target)
+    producer = root.get_submodule(producer_path)
+    layout = _PRODUCERS.get(type(producer))
+    if layout is None:
+        return fail(
+            f"input comes from {type(producer).__name__} '{producer_path}', not foldable"
+        )
+    if (reason := usage.sharing_reason(producer, type(producer).__name__)) is not None:
+        return fail(reason)
+    if len(src.users) != 1:
+        return fail(
+            f"{type(producer).__name__} output has {len(src.users)} users, not only the BatchNorm"
+        )
+    out_channels = (
+        producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+    )
+    if out_channels != bn.num_features:
+        return fail(f"{out_channels} output channels but {bn.num_features} BatchNorm features")
+    if (
+        reason := _channel_axis_reason(producer, layout, bn, ranks, example_inputs)
+    ) is not None:
+        return fail(reason)
+    return producer_path, None
+
+
+def _channel_axis_reason(
+    producer: nn.Module,
+    layout: _ProducerLayout,
+    bn: nn.Module,
+    ranks: dict[int, set[int]],
+    example_inputs: Any,
+) -> str | None:
+    """None when BatchNorm's axis 1 is provably the producer's output-channel axis."""
+    expected = layout.spatial_dims + 2 if layout.spatial_dims else 2
+    pname = type(producer).__name__
+    seen = ranks.get(id(bn))
+    if seen:
+        if seen == {expected}:
+            return None
+        got = ", ".join(str(r) for r in sorted(seen))
+        if isinstance(producer, nn.Linear):
+            return (
+                f"BatchNorm input has rank {got}: it normalizes axis 1, Linear's features are the "
+                "last axis"
+            )
+        return f"BatchNorm input has rank {got} (unbatched?): axis 1 is not {pname}'s channel axis"
+    fixed = _FIXED_RANK.get(type(bn))
+    if fixed is not None:
+        if fixed == expected:
+            return None
+        return (
+            f"{type(bn).__name__} input has rank {fixed}: axis 1 is not {pname}'s channel axis"
+        )
+    why = "pass example_inputs" if example_inputs is None else "BatchNorm did not run on them"
+    return (
+        f"cannot prove {type(bn).__name__}'s axis 1 is {pname}'s output-channel axis "
+        f"(input rank unknown; {why})"
+    )
+
+
+def _apply_fold(
+    root: nn.Module, producer_path: str, bn_path: str, layout: _ProducerLayout
+) -> None:
+    """Replace the producer's parameters with the folded ones and the BatchNorm with Identity."""
+    producer = root.get_submodule(producer_path)
+    bn = root.get_submodule(bn_path)
+    weight, bias = fold_bn_into_weights(
+        producer.weight,
+        producer.bias,
+        bn.running_mean,
+        bn.running_var,
+        bn.eps,
+        bn.weight,
+        bn.bias,
+        transposed=layout.transposed,
+        groups=getattr(producer, "groups", 1),
+    )
+    grad = producer.weight.requires_grad
+    producer.weight = nn.Parameter(weight, requires_grad=grad)
+    producer.bias = nn.Parameter(bias, requires_grad=grad)
+    parent_path, _, name = bn_path.rpartition(".")
+    setattr(root.get_submodule(parent_path), name, nn.Identity())
+
+
+def _unseen_reason(path: str, untraceable: dict[str, str]) -> str:
+    """Why a BatchNorm never appeared in a traced graph."""
+    owners = [p for p in untraceable if p == "" or path.startswith(p + ".")]
+    if owners:
+        owner = max(owners, key=len)
+        label = f"'{owner}'" if owner else "the module"
+        return f"forward of {label} is not traceable by torch.fx ({untraceable[owner]})"
+    return "not called in forward"
