@@ -37,8 +37,14 @@ def node_module_path(node: onnx.NodeProto) -> str | None:
         # The last entry is the FX node's own name; the ones before are module paths.
         return scopes[-2] if len(scopes) >= 2 else None
     if node.name.startswith("/"):
-        parts = node.name.strip("/").split("/")
-        return ".".join(parts[:-1]) if len(parts) > 1 else ""
+        parts = node.name.strip("/").split("/")[:-1]
+        # TorchScript writes a container's children with the container's name as prefix:
+        # '/layer2/downsample/downsample.0/Conv' is module 'layer2.downsample.0'.
+        attrs = [
+            part[len(prev) + 1 :] if prev and part.startswith(prev + ".") else part
+            for prev, part in zip(["", *parts], parts, strict=False)
+        ]
+        return ".".join(attrs)
     return None
 
 

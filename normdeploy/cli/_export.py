@@ -1,0 +1,94 @@
+"""`normdeploy export MODEL -o model.onnx`: eval-mode export, batch check and norm census."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from normdeploy.export import (
+    DEFAULT_EXPORTER,
+    DEFAULT_OPSET,
+    EXPORTERS,
+    OFFERED_OPSETS,
+)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a PyTorch model to ONNX in eval mode and take its norm census",
+        description="Export MODEL (a reference model name or package.module:factory) in eval "
+        "mode, check onnxruntime against PyTorch eval at batch 1 and 3, and report how every "
+        "norm layer was written. Exit 1 when the outputs differ.",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="reference model name or package.module:factory"
+    )
+    p.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset (default {DEFAULT_OPSET}; tested: "
+        f"{', '.join(map(str, OFFERED_OPSETS))})",
+    )
+    p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument(
+        "--dynamic-batch",
+        dest="dynamic_batch",
+        action="store_true",
+        default=True,
+        help="symbolic batch axis (default)",
+    )
+    batch.add_argument(
+        "--static", dest="dynamic_batch", action="store_false", help="fixed batch axis"
+    )
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="SHAPE",
+        help="example input shape like 1x3x224x224 (repeat for several inputs)",
+    )
+    p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
+    simplify = p.add_mutually_exclusive_group()
+    simplify.add_argument(
+        "--simplify",
+        dest="simplify",
+        action="store_true",
+        default=None,
+        help="run onnxsim (default: only after the torchscript exporter)",
+    )
+    simplify.add_argument("--no-simplify", dest="simplify", action="store_false")
+    p.add_argument("--report", help="also write the report (.json, .md or text)")
+    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from normdeploy.export import export_model
+    from normdeploy.io import check_output_path
+    from normdeploy.modelspec import parse_shape
+    from normdeploy.report import render, write_report
+
+    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+    if args.report:
+        check_output_path(
+            args.report, inputs=(args.output,), overwrite=args.force, what="--report"
+        )
+    result = export_model(
+        args.model,
+        args.output,
+        weights=args.weights,
+        input_shapes=shapes,
+        opset=args.opset,
+        exporter=args.exporter,
+        dynamic_batch=args.dynamic_batch,
+        simplify=args.simplify,
+        overwrite=args.force,
+    )
+    sys.stdout.write(render(result, args.format))
+    if args.report:
+        write_report(result, args.report)
+    return 0 if result.passed else 1

@@ -1,0 +1,691 @@
+"""PyTorch → ONNX with eval semantics enforced, a dynamic batch axis that is checked, and a census.
+
+The caller's module is never touched: a deep copy is put in eval mode and exported. A module
+handed over in train mode is reported (which submodules were training, and how far its train-mode
+output is from eval on the example input, measured on another copy). The exported graph is run in
+onnxruntime at batch 1 and batch 3 and compared with PyTorch eval before it is written.
+
+Defaults (measured on the reference models with torch 2.13, see ``python cli.py export --help``):
+the dynamo exporter (exports all 14 reference models with a dynamic batch at opsets 17/18/21 and
+folds BatchNorm into Conv/ConvTranspose/Gemm; TorchScript fails on InstanceNorm with running
+statistics and keeps BatchNormalization after ConvTranspose/Linear), opset 21 (the first with
+per-channel GroupNormalization; below it both exporters write the InstanceNormalization+Reshape
+trick), and onnxsim only after the TorchScript exporter (dynamo's output is already optimized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect as pyinspect
+import io
+import logging
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from normdeploy import __version__
+from normdeploy.census import Census
+from normdeploy.census import inspect as census_inspect
+from normdeploy.compare import (
+    ArrayComparison,
+    compare_arrays,
+    compare_onnx_models,
+    default_tolerance,
+)
+from normdeploy.errors import ExportError, InvalidArgumentError
+from normdeploy.io import PROTOBUF_LIMIT, check_output_path, save_onnx
+from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.runtime import CPU, OrtRunner, graph_input_specs, make_feeds
+
+logger = logging.getLogger(__name__)
+
+EXPORTERS = ("dynamo", "torchscript")
+DEFAULT_EXPORTER = "dynamo"
+# Opsets the test matrix covers. LayerNormalization needs 17; GroupNormalization-18 has
+# per-group scale/bias, 21 per-channel (PyTorch's semantics).
+OFFERED_OPSETS = (17, 18, 21)
+DEFAULT_OPSET = 21
+MIN_OPSET = 13
+DYNAMO_NATIVE_OPSET = 18  # the dynamo exporter writes >= 18; lower opsets are converted
+CHECK_BATCH_SIZES = (1, 3)
+METADATA_PREFIX = "normdeploy."
+_TRACE_BATCH = 2  # torch.export specializes a size-1 dim to a constant: trace at batch 2
+
+
+@dataclass(frozen=True)
+class TrainModeReport:
+    """Whether the module arrived in train mode, and how much that mode changes its output."""
+
+    was_training: bool
+    training_modules: tuple[str, ...] = ()
+    max_abs_train_minus_eval: float | None = None
+    detail: str = ""
+
+    def summary(self) -> str:
+        if not self.was_training:
+            return "module was in eval mode"
+        names = ", ".join(self.training_modules[:6])
+        more = len(self.training_modules) - 6
+        names += f" (+{more} more)" if more > 0 else ""
+        diff = fmt_num(self.max_abs_train_minus_eval)
+        text = (
+            f"module was in TRAIN mode ({len(self.training_modules)} submodules training: "
+            f"{names}); max|train - eval| on the example input = {diff}; exported in eval mode"
+        )
+        return text + (f"; {self.detail}" if self.detail else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "was_training": self.was_training,
+            "training_modules": list(self.training_modules),
+            "max_abs_train_minus_eval": self.max_abs_train_minus_eval,
+            "detail": self.detail,
+        }
+
+
+@dataclass(frozen=True)
+class BatchCheck:
+    """onnxruntime against PyTorch eval at one batch size, per output."""
+
+    batch_size: int
+    comparisons: tuple[ArrayComparison, ...] = ()
+    error: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return not self.error and bool(self.comparisons) and all(self.comparisons)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "batch_size": self.batch_size,
+            "passed": self.passed,
+            "error": self.error,
+            "comparisons": [c.to_dict() for c in self.comparisons],
+        }
+
+
+@dataclass(frozen=True)
+class SimplifyOutcome:
+    """Whether onnxsim ran, whether its graph was kept, and why not."""
+
+    requested: bool
+    applied: bool = False
+    nodes_before: int | None = None
+    nodes_after: int | None = None
+    note: str = ""
+
+    def summary(self) -> str:
+        if not self.requested:
+            return "not run"
+        if self.applied:
+            return f"applied ({self.nodes_before} → {self.nodes_after} nodes)"
+        return f"kept the unsimplified graph: {self.note}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "requested": self.requested,
+            "applied": self.applied,
+            "nodes_before": self.nodes_before,
+            "nodes_after": self.nodes_after,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What was exported, how, and the evidence that it computes what PyTorch eval computes."""
+
+    path: Path
+    model_name: str
+    source: str
+    exporter: str
+    opset: int
+    dynamic_batch: bool
+    train_mode: TrainModeReport
+    batch_checks: tuple[BatchCheck, ...]
+    census: Census
+    simplify: SimplifyOutcome
+    external_data: bool
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        """True when every batch check and every numerical census confirmation passed."""
+        return all(c.passed for c in self.batch_checks) and self.census.passed
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "model_name": self.model_name,
+            "source": self.source,
+            "exporter": self.exporter,
+            "opset": self.opset,
+            "dynamic_batch": self.dynamic_batch,
+            "external_data": self.external_data,
+            "passed": self.passed,
+            "train_mode": self.train_mode.to_dict(),
+            "batch_checks": [c.to_dict() for c in self.batch_checks],
+            "simplify": self.simplify.to_dict(),
+            "census": self.census.to_dict(),
+            "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
+        }
+
+    def _check_rows(self) -> list[list[str]]:
+        rows = []
+        for check in self.batch_checks:
+            if check.error:
+                rows.append(
+                    [str(check.batch_size), "-", "-", "-", "-", f"FAIL: {check.error}"]
+                )
+            rows.extend(
+                [
+                    str(check.batch_size),
+                    c.name,
+                    fmt_num(c.max_abs),
+                    fmt_num(c.max_rel),
+                    f"atol={c.atol:g} rtol={c.rtol:g}",
+                    "ok" if c.passed else "FAIL",
+                ]
+                for c in check.comparisons
+            )
+        return rows
+
+    _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
+
+    def _summary_pairs(self) -> list[tuple[str, str]]:
+        timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
+        return [
+            ("model", f"{self.model_name} ({self.source})"),
+            ("written", f"{self.path}" + (" (+ external data)" if self.external_data else "")),
+            ("exporter", f"{self.exporter}, opset {self.opset}"),
+            ("batch axis", "dynamic" if self.dynamic_batch else "static"),
+            ("mode", self.train_mode.summary()),
+            ("simplify", self.simplify.summary()),
+            ("timings", timing),
+            ("result", "PASS" if self.passed else "FAIL"),
+        ]
+
+    def to_text(self) -> str:
+        lines = [f"{k + ':':12s} {v}" for k, v in self._summary_pairs()]
+        lines += [
+            "",
+            "onnxruntime vs PyTorch eval:",
+            text_table(self._CHECK_HEADERS, self._check_rows()),
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        lines += ["", self.census.to_text()]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        out = [f"## Export of `{self.model_name}`", ""]
+        out += [f"- **{k}**: {v}" for k, v in self._summary_pairs()]
+        out += [f"- note: {n}" for n in self.notes]
+        out += ["", markdown_table(self._CHECK_HEADERS, self._check_rows()), ""]
+        out.append(self.census.to_markdown())
+        return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+@contextlib.contextmanager
+def exporter_quiet(verbose: bool = False) -> Iterator[None]:
+    """Silence exporter chatter: Python warnings, prints and C++ writes to fds 1 and 2."""
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        py_out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(py_out), contextlib.redirect_stderr(py_out):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            sink.seek(0)
+            chatter = py_out.getvalue() + sink.read().decode("utf-8", "replace")
+            if chatter.strip():
+                logger.debug("exporter output:\n%s", chatter[-4000:])
+
+
+def _flatten(value: Any) -> list[Any]:
+    """Tensors of a (nested) output, in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _flatten(v)]
+    return []
+
+
+def _eval_outputs(module: Any, args: Sequence[Any]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        return [t.detach().cpu().numpy() for t in _flatten(module(*args))]
+
+
+def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeReport:
+    """Which submodules are training, and max|train - eval| on copies (the caller is untouched)."""
+    import torch
+
+    training = tuple(name or "<root>" for name, m in module.named_modules() if m.training)
+    if not training:
+        return TrainModeReport(False)
+    try:
+        train_copy = copy.deepcopy(module)  # a train-mode forward updates BN running stats
+        eval_copy = copy.deepcopy(module).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            train_out = _eval_outputs(train_copy, example_inputs)
+        eval_out = _eval_outputs(eval_copy, example_inputs)
+        diffs = [
+            float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+            for a, b in zip(train_out, eval_out, strict=True)
+            if a.shape == b.shape and a.size
+        ]
+        return TrainModeReport(True, training, max(diffs) if diffs else None)
+    except Exception as exc:  # e.g. BatchNorm1d refuses batch 1 in train mode
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return TrainModeReport(True, training, None, f"train-mode forward failed: {first}")
+
+
+def _input_names(module: Any, count: int) -> list[str]:
+    try:
+        params = [
+            p.name
+            for p in pyinspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    if len(params) >= count:
+        return params[:count]
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def _trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> tuple[Any, ...]:
+    """Example inputs; batch-1 tensors repeated to batch 2 so the batch dim stays symbolic."""
+    import torch
+
+    if not dynamic_batch:
+        return tuple(example_inputs)
+    return tuple(
+        x.repeat(_TRACE_BATCH, *([1] * (x.dim() - 1)))
+        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1
+        else x
+        for x in example_inputs
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _export_dynamo(
+    module: Any, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    import torch
+
+    dynamic_shapes = None
+    if dynamic_batch:
+        batch = torch.export.Dim("batch", min=1)
+        dynamic_shapes = tuple(
+            {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in args
+        )
+    program = torch.onnx.export(
+        module,
+        args,
+        dynamo=True,
+        opset_version=max(opset, DYNAMO_NATIVE_OPSET),
+        dynamic_shapes=dynamic_shapes,
+        optimize=True,
+        verbose=False,
+    )
+    if program is None:  # pragma: no cover - dynamo=True always returns a program
+        raise ExportError("dynamo exporter returned no program")
+    model = program.model_proto
+    if opset >= DYNAMO_NATIVE_OPSET:
+        return model
+    # torch's own down-conversion leaves some graphs at 18 (e.g. ReduceMean from adaptive
+    # pooling) and drops node metadata; onnx's converter handles them, metadata is restored.
+    from onnx import version_converter
+
+    try:
+        converted = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(converted)  # the converter can leave newer attributes behind
+    except Exception as exc:
+        raise ExportError(
+            f"dynamo exporter: converting opset {DYNAMO_NATIVE_OPSET} to {opset} failed: "
+            f"{_first_line(exc)}; use --opset {DYNAMO_NATIVE_OPSET} or higher"
+        ) from None
+    restore_node_metadata(model, converted)
+    return converted
+
+
+def _export_torchscript(
+    module: Any, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+) -> onnx.ModelProto:
+    import torch
+
+    n_out = len(_flatten(_run_no_grad(module, args)))
+    input_names = _input_names(module, len(args))
+    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        args,
+        buffer,
+        dynamo=False,
+        opset_version=opset,
+        input_names=input_names,
+        output_names=output_names,
+        dynamic_axes=dynamic_axes,
+        do_constant_folding=True,
+        training=torch.onnx.TrainingMode.EVAL,
+    )
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _run_no_grad(module: Any, args: Sequence[Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return module(*args)
+
+
+def _default_opset_of(model: onnx.ModelProto) -> int | None:
+    return next(
+        (int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), None
+    )
+
+
+def _static_batch_inputs(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs whose first dim is a fixed number (the exporter specialized the batch)."""
+    return [
+        f"{s.name}{list(s.shape)}"
+        for s in graph_input_specs(model)
+        if s.shape and isinstance(s.shape[0], int)
+    ]
+
+
+def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
+    keep = [p for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in values.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = METADATA_PREFIX + key, value
+
+
+def restore_node_metadata(original: onnx.ModelProto, rewritten: onnx.ModelProto) -> None:
+    """Copy node metadata (module scopes, rewrite rules) back by node name, in place.
+
+    onnxsim and onnx's version converter drop it; the nodes they keep keep their names.
+    """
+    meta = {n.name: list(n.metadata_props) for n in original.graph.node if n.name}
+    for node in rewritten.graph.node:
+        if node.name in meta and not node.metadata_props:
+            node.metadata_props.extend(meta[node.name])
+
+
+def _simplify(
+    model: onnx.ModelProto, batch_sizes: tuple[int, ...]
+) -> tuple[onnx.ModelProto, SimplifyOutcome]:
+    """onnxsim, kept only if it succeeds and gives the same outputs; node metadata restored."""
+    before = len(model.graph.node)
+    if model.ByteSize() > PROTOBUF_LIMIT // 2:
+        return model, SimplifyOutcome(True, False, before, None, "model too large for onnxsim")
+    try:
+        import onnxsim
+
+        simplified, ok = onnxsim.simplify(model)
+    except Exception as exc:
+        return model, SimplifyOutcome(
+            True, False, before, None, f"onnxsim failed: {_first_line(exc)}"
+        )
+    if not ok:
+        return model, SimplifyOutcome(True, False, before, None, "onnxsim's own check failed")
+    restore_node_metadata(model, simplified)
+    try:
+        diffs = compare_onnx_models(model, simplified, batch_sizes=batch_sizes)
+    except Exception as exc:
+        return model, SimplifyOutcome(
+            True,
+            False,
+            before,
+            len(simplified.graph.node),
+            f"simplified graph fails to run: {_first_line(exc)}",
+        )
+    if not all(diffs):
+        worst = max(diffs, key=lambda c: c.needed_atol)
+        return model, SimplifyOutcome(
+            True, False, before, len(simplified.graph.node),
+            f"onnxsim changed numerics ({worst.name}: max abs {fmt_num(worst.max_abs)})",
+        )  # fmt: skip
+    return simplified, SimplifyOutcome(True, True, before, len(simplified.graph.node))
+
+
+def _batch_checks(
+    model: onnx.ModelProto, eval_module: Any, batch_sizes: tuple[int, ...], seed: int
+) -> tuple[BatchCheck, ...]:
+    """ORT vs PyTorch eval on seeded stress inputs at each batch size."""
+    import torch
+
+    specs = graph_input_specs(model)
+    runner = OrtRunner(model, CPU)
+    checks = []
+    for batch in batch_sizes:
+        feeds = make_feeds(specs, batch, seed)
+        try:
+            actual = list(runner.infer(feeds).values())
+        except Exception as exc:
+            checks.append(BatchCheck(batch, (), f"onnxruntime failed: {_first_line(exc)}"))
+            continue
+        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+        try:
+            expected = _eval_outputs(eval_module, args)
+        except Exception as exc:
+            checks.append(BatchCheck(batch, (), f"PyTorch eval failed: {_first_line(exc)}"))
+            continue
+        if len(expected) != len(actual):
+            checks.append(BatchCheck(
+                batch, (), f"{len(actual)} ONNX outputs vs {len(expected)} PyTorch outputs"
+            ))  # fmt: skip
+            continue
+        names = runner.output_names
+        checks.append(BatchCheck(batch, tuple(
+            compare_arrays(f"{name}@b{batch}", e, a, default_tolerance(e.dtype))
+            for name, e, a in zip(names, expected, actual, strict=True)
+        )))  # fmt: skip
+    return tuple(checks)
+
+
+def _validate(exporter: str, opset: int) -> None:
+    if exporter not in EXPORTERS:
+        raise InvalidArgumentError(
+            f"--exporter: '{exporter}' is not one of {', '.join(EXPORTERS)}"
+        )
+    max_opset = onnx.defs.onnx_opset_version()
+    if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
+        raise InvalidArgumentError(
+            f"--opset: {opset} is outside {MIN_OPSET}..{max_opset} "
+            f"(tested: {', '.join(map(str, OFFERED_OPSETS))})"
+        )
+
+
+# --------------------------------------------------------------------------------- export
+
+
+def export(
+    module: Any,
+    example_inputs: Sequence[Any] | Any,
+    path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    exporter: str | None = None,
+    dynamic_batch: bool = True,
+    simplify: bool | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+    source: str | None = None,
+    seed: int = 0,
+) -> ExportResult:
+    """Export ``module`` in eval mode to ``path``, check it in onnxruntime, and take its census.
+
+    ``simplify=None`` runs onnxsim after the TorchScript exporter only. The result is falsy when
+    onnxruntime disagrees with PyTorch eval beyond the default tolerances.
+    """
+    import torch
+
+    exporter = exporter or DEFAULT_EXPORTER
+    opset = DEFAULT_OPSET if opset is None else opset
+    _validate(exporter, opset)
+    out = check_output_path(path, overwrite=overwrite)
+    if not isinstance(module, torch.nn.Module):
+        raise InvalidArgumentError(
+            f"module: expected a torch.nn.Module, got {type(module).__name__}"
+        )
+    args = (
+        tuple(example_inputs)
+        if isinstance(example_inputs, (tuple, list))
+        else (example_inputs,)
+    )
+    name = model_name or type(module).__name__
+    verbose = logger.isEnabledFor(logging.INFO)
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+
+    train = training_report(module, args)
+    if train.was_training:
+        logger.warning("%s: %s", name, train.summary())
+    eval_module = copy.deepcopy(module).eval()
+    trace_args = _trace_inputs(args, dynamic_batch)
+
+    start = time.perf_counter()
+    export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
+    try:
+        with exporter_quiet(verbose):
+            model = export_fn(eval_module, trace_args, opset, dynamic_batch)
+    except ExportError:
+        raise
+    except Exception as exc:
+        hint = " (try --static)" if dynamic_batch else ""
+        raise ExportError(
+            f"{exporter} exporter failed on {name} at opset {opset}{hint}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
+    timings["export"] = time.perf_counter() - start
+
+    got_opset = _default_opset_of(model)
+    if got_opset != opset:
+        raise ExportError(
+            f"{exporter} exporter wrote opset {got_opset} for {name}, not the requested {opset} "
+            "(its version conversion failed); use --opset 18 or higher, or --exporter torchscript"
+        )
+    if dynamic_batch and (fixed := _static_batch_inputs(model)):
+        raise ExportError(
+            f"{exporter} exporter specialized the batch dimension of {name} "
+            f"(inputs {', '.join(fixed)}); export with --static or another exporter"
+        )
+    _set_metadata(model, {
+        "source_model": source or name,
+        "model_name": name,
+        "exporter": f"{exporter} (torch {torch.__version__})",
+        "opset": str(opset),
+        "dynamic_batch": str(dynamic_batch).lower(),
+        "version": __version__,
+    })  # fmt: skip
+
+    specs = graph_input_specs(model)
+    batch_sizes = CHECK_BATCH_SIZES
+    if not dynamic_batch:
+        first = specs[0].shape[0] if specs and specs[0].shape else None
+        batch_sizes = (first if isinstance(first, int) else 1,)
+    do_simplify = (exporter == "torchscript") if simplify is None else simplify
+    simplified = SimplifyOutcome(False)
+    if do_simplify:
+        start = time.perf_counter()
+        model, simplified = _simplify(model, batch_sizes)
+        timings["simplify"] = time.perf_counter() - start
+        if not simplified.applied:
+            notes.append(f"onnxsim result discarded: {simplified.note}")
+
+    start = time.perf_counter()
+    checks = _batch_checks(model, eval_module, batch_sizes, seed)
+    timings["check"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    census = census_inspect(model, module=eval_module, example_inputs=trace_args, seed=seed)
+    census = dataclasses.replace(census, source=str(out))
+    timings["census"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    external = model.ByteSize() > PROTOBUF_LIMIT - 64 * 2**20
+    save_onnx(model, out, external_data=external)
+    timings["save"] = time.perf_counter() - start
+    return ExportResult(
+        path=out,
+        model_name=name,
+        source=source or name,
+        exporter=exporter,
+        opset=opset,
+        dynamic_batch=dynamic_batch,
+        train_mode=train,
+        batch_checks=checks,
+        census=census,
+        simplify=simplified,
+        external_data=external,
+        timings=timings,
+        notes=tuple(notes),
+    )
+
+
+def export_model(
+    spec: str,
+    path: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    input_shapes: Sequence[Sequence[int]] | None = None,
+    **options: Any,
+) -> ExportResult:
+    """Resolve a MODEL spec (reference name or ``package.module:factory``) and export it."""
+    from normdeploy.modelspec import resolve_model
+
+    resolved = resolve_model(spec, weights=weights, input_shapes=input_shapes)
+    options.setdefault("model_name", resolved.name)
+    options.setdefault("source", resolved.source)
+    return export(resolved.module, resolved.example_inputs, path, **options)

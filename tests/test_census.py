@@ -1,0 +1,232 @@
+"""inspect/census: norm ops and patterns in any ONNX file, lints, per-module confirmation."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import models
+from normdeploy.census import DECOMPOSED_LAYERNORM, DECOMPOSITION, GROUPNORM_TRICK, inspect
+from normdeploy.cli import main
+from normdeploy.errors import InputFileError
+from normdeploy.export import exporter_quiet
+
+
+def decomposed_layernorm(dtype: int = TensorProto.FLOAT, eps: float = 1e-5) -> onnx.ModelProto:
+    """ReduceMean→Sub→Pow→ReduceMean→Add→Sqrt→Div over the last axis, as TorchScript writes it."""
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    inits = [
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+        numpy_helper.from_array(np.array(2.0, np_dtype), "two"),
+        numpy_helper.from_array(np.array(eps, np_dtype), "eps"),
+    ]
+    nodes = [
+        helper.make_node("ReduceMean", ["x", "axes"], ["mean"], name="ln/mean"),
+        helper.make_node("Sub", ["x", "mean"], ["d"], name="ln/sub"),
+        helper.make_node("Pow", ["d", "two"], ["sq"], name="ln/pow"),
+        helper.make_node("ReduceMean", ["sq", "axes"], ["var"], name="ln/var"),
+        helper.make_node("Add", ["var", "eps"], ["ve"], name="ln/add"),
+        helper.make_node("Sqrt", ["ve"], ["std"], name="ln/sqrt"),
+        helper.make_node("Div", ["d", "std"], ["y"], name="ln/div"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ln",
+        [helper.make_tensor_value_info("x", dtype, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", dtype, ["N", 4, 8])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_decomposed_layernorm_is_found_and_linted():
+    census = inspect(decomposed_layernorm())
+    assert census.op_counts == {DECOMPOSED_LAYERNORM: 1}
+    assert census.norm_nodes[0].node == "ln/mean" and census.norm_nodes[0].dtype == "float32"
+    assert census.lint_codes() == {"decomposed-layernorm"}
+    assert census.passed  # no PyTorch module: nothing to confirm, nothing failed
+
+
+def test_fp16_decomposition_with_underflowing_eps_is_an_error():
+    census = inspect(decomposed_layernorm(TensorProto.FLOAT16, eps=1e-12))
+    errors = {x.code for x in census.lints if x.severity == "error"}
+    assert errors == {"fp16-norm", "fp16-eps-underflow"}
+    assert census.op_counts["float16 norms"] == 1
+    # 1e-5 is representable (subnormal) in float16: fp16 is still flagged, eps is not.
+    ok_eps = inspect(decomposed_layernorm(TensorProto.FLOAT16, eps=1e-5))
+    assert "fp16-eps-underflow" not in ok_eps.lint_codes()
+
+
+def _single_op_model(node: onnx.NodeProto, opset: int, inits=(), n_in: int = 1):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])]
+    graph = helper.make_graph(
+        [node],
+        "g",
+        inputs,
+        [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)],
+        list(inits),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize(("opset", "linted"), [(18, True), (21, False)], ids=["gn18", "gn21"])
+def test_groupnormalization_before_opset_21_is_linted(opset, linted):
+    scale = numpy_helper.from_array(np.ones(2, np.float32), "scale")
+    bias = numpy_helper.from_array(np.zeros(2, np.float32), "bias")
+    node = helper.make_node(
+        "GroupNormalization", ["x", "scale", "bias"], ["y"], name="gn", num_groups=2
+    )
+    census = inspect(_single_op_model(node, opset, [scale, bias]))
+    assert census.op_counts == {"GroupNormalization": 1}
+    assert ("groupnorm-opset18" in census.lint_codes()) is linted
+
+
+def test_training_batchnorm_and_dropout_are_linted():
+    params = [
+        numpy_helper.from_array(np.ones(4, np.float32), n)
+        for n in ("scale", "b", "mean", "var")
+    ]
+    bn = helper.make_node(
+        "BatchNormalization",
+        ["x", "scale", "b", "mean", "var"],
+        ["y", "running_mean", "running_var"],
+        name="bn",
+        training_mode=1,
+    )
+    census = inspect(_single_op_model(bn, 15, params))
+    assert census.lint_codes() == {"bn-training-mode"}
+    eval_bn = helper.make_node(
+        "BatchNormalization", ["x", "scale", "b", "mean", "var"], ["y"], name="bn"
+    )
+    assert inspect(_single_op_model(eval_bn, 15, params)).lints == ()
+    drop = helper.make_node("Dropout", ["x"], ["y"], name="drop")
+    census = inspect(_single_op_model(drop, 15))
+    assert census.op_counts == {"Dropout": 1} and census.lint_codes() == {"dropout"}
+
+
+def test_subgraphs_functions_and_unknown_domains_do_not_break_the_census():
+    ln = helper.make_node("LayerNormalization", ["x", "s"], ["y"], name="inner_ln", axis=-1)
+    branch = helper.make_graph(
+        [ln], "then", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    )
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["z"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node(
+            "If", ["c"], ["out"], name="if", then_branch=branch, else_branch=other
+        ),
+        helper.make_node("FancyNorm", ["out"], ["o2"], name="custom", domain="acme.ops"),
+        helper.make_node(
+            "SkipLayerNormalization", ["o2", "o2", "s"], ["o3"], domain="com.microsoft"
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "main",
+        [
+            helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+        ],
+        [helper.make_tensor_value_info("o3", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.ones(4, np.float32), "s")],
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[
+            helper.make_opsetid("", 17),
+            helper.make_opsetid("acme.ops", 1),
+            helper.make_opsetid("com.microsoft", 1),
+        ],
+    )
+    census = inspect(model)
+    assert census.op_counts == {
+        "LayerNormalization": 1,
+        "acme.ops.FancyNorm": 1,
+        "com.microsoft.SkipLayerNormalization": 1,
+    }
+    assert census.norm_nodes[0].graph.startswith("main/if.then_branch")
+
+
+def test_unreadable_files_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x89PNG\r\n not a model")
+    with pytest.raises(InputFileError, match=r"bad\.onnx"):
+        inspect(bad)
+    assert main(["inspect", str(bad)]) == 2
+    with pytest.raises(InputFileError, match="does not exist"):
+        inspect(tmp_path / "missing.onnx")
+
+
+def _torchscript(module, x, opset: int) -> onnx.ModelProto:
+    buf = io.BytesIO()
+    with exporter_quiet():
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=opset,
+                          input_names=["x"], dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    return onnx.load_from_string(buf.getvalue())
+
+
+def test_layernorm_below_opset_17_is_a_confirmed_decomposition():
+    ref = models.get("layernorm_chw")
+    module = ref.build()
+    model = _torchscript(module, ref.inputs(2)[0], 14)
+    census = inspect(model, module=module, example_inputs=ref.inputs(2))
+    entry = census.entry("1")
+    assert entry.representation == DECOMPOSITION
+    assert "ReduceMean" in entry.detail and "Sqrt" in entry.detail
+    assert census.op_counts[DECOMPOSED_LAYERNORM] == 1
+    assert "decomposed-layernorm" in census.lint_codes()
+    # fp32 LayerNorm over 2048 values: ~1e-6 measured; 1e-4 is the documented fp32 default.
+    assert entry.confirmed and entry.vs_oracle.max_abs < 1e-4 and entry.vs_torch.max_abs < 1e-4
+
+
+def test_confirmation_catches_a_wrong_groupnorm():
+    ref = models.get("groupnorm32_cnn")
+    module = ref.build()
+    with exporter_quiet():
+        model = torch.onnx.export(
+            module, ref.inputs(2), dynamo=True, opset_version=21,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        ).model_proto  # fmt: skip
+    good = inspect(model, module=module, example_inputs=ref.inputs(2))
+    assert [e.representation for e in good.entries] == ["GroupNormalization"] * 2
+    assert good.passed and all(e.vs_oracle.max_abs < 1e-4 for e in good.entries)
+    # Swap the second GroupNorm's scale for per-group values (what opset-18 semantics would
+    # mean): the census must say that module no longer matches PyTorch or the oracle.
+    gn = [n for n in model.graph.node if n.op_type == "GroupNormalization"][1]
+    init = next(t for t in model.graph.initializer if t.name == gn.input[1])
+    scale = numpy_helper.to_array(init).copy()
+    scale[::2] = scale[0]
+    init.CopyFrom(numpy_helper.from_array(scale, init.name))
+    bad = inspect(model, module=module, example_inputs=ref.inputs(2))
+    assert bad.entries[0].confirmed and bad.entries[1].confirmed is False
+    assert bad.entries[1].vs_oracle.max_abs > 1e-2 and not bad.passed
+
+
+def test_cli_inspect_with_module_and_report(tmp_path, capsys):
+    ref = models.get("groupnorm_edge_cnn")
+    path = tmp_path / "gn.onnx"
+    onnx.save(_torchscript(ref.build(), ref.inputs(2)[0], 18), path)
+    before = path.read_bytes()
+    report = tmp_path / "census.json"
+    rc = main(
+        ["inspect", str(path), "--module", "groupnorm_edge_cnn", "--report", str(report)]
+    )
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert GROUPNORM_TRICK in text and "confirmed" in text
+    data = json.loads(report.read_text())
+    assert [e["representation"] for e in data["entries"]] == [GROUPNORM_TRICK] * 2
+    assert all(e["confirmed"] for e in data["entries"])
+    assert path.read_bytes() == before  # the input is never modified
+    assert main(["inspect", str(path), "--format", "markdown"]) == 0
+    assert "### Norm census" in capsys.readouterr().out
