@@ -22,6 +22,7 @@ import inspect as pyinspect
 import io
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -347,9 +348,21 @@ def _trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> tuple[A
     )
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    """The first line of the innermost cause (exporters wrap the real error in boilerplate)."""
+    while exc.__cause__ is not None and exc.__cause__ is not exc:
+        exc = exc.__cause__
+    text = _ANSI.sub("", str(exc)).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _shapes(args: Sequence[Any]) -> str:
+    return ", ".join(
+        "x".join(map(str, a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args
+    )
 
 
 def _export_dynamo(
@@ -589,6 +602,13 @@ def export(
     timings: dict[str, float] = {}
     notes: list[str] = []
 
+    try:
+        _eval_outputs(copy.deepcopy(module).eval(), args)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "
+            f"{type(exc).__name__}: {_first_line(exc)}"
+        ) from None
     train = training_report(module, args)
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
