@@ -107,7 +107,8 @@ def compare_arrays(
     both = e_fin & a_fin
     diff = np.where(both, np.abs(a64 - e64), 0.0)
     diff = np.where(e_fin == a_fin, diff, np.inf)
-    rel = diff / np.maximum(np.abs(e64), np.finfo(np.float64).tiny)
+    # Floor the denominator at float32's smallest normal so an exact 0 does not overflow.
+    rel = diff / np.maximum(np.abs(e64), np.finfo(np.float32).tiny)
     rel = np.where(diff == 0, 0.0, rel)
     flat_worst = int(np.argmax(diff - tolerance.rtol * np.where(both, np.abs(e64), 0.0)))
     worst = tuple(int(i) for i in np.unravel_index(flat_worst, e.shape))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -103,3 +104,50 @@ def capture_module_outputs(
         for h in handles:
             h.remove()
     return captured
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """One submodule in a forward pass: its first output (first tensor) and how often it ran."""
+
+    path: str
+    class_name: str
+    output: np.ndarray | None
+    calls: int
+
+
+def trace_module_calls(module: Any, inputs: Sequence[Any]) -> list[ModuleCall]:
+    """Every submodule's first output, in the order their forwards first finished (eval copy).
+
+    Children finish before their parents, so the order is execution order for leaves. A module
+    called several times keeps its first output and reports the count.
+    """
+    import torch
+
+    model = copy.deepcopy(module).eval()
+    firsts: dict[str, np.ndarray | None] = {}
+    counts: dict[str, int] = {}
+    classes: dict[str, str] = {}
+
+    def hook_for(path: str) -> Any:
+        def hook(mod: Any, _inp: Any, output: Any) -> None:
+            counts[path] = counts.get(path, 0) + 1
+            if path in firsts:
+                return
+            t = output[0] if isinstance(output, (tuple, list)) and output else output
+            firsts[path] = None
+            if isinstance(t, torch.Tensor):
+                t = t.detach().cpu()
+                firsts[path] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+            classes[path] = type(mod).__name__
+
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(p)) for p, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [ModuleCall(p, classes[p], out, counts[p]) for p, out in firsts.items()]
