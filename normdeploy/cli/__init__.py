@@ -16,7 +16,7 @@ from normdeploy import __version__
 from normdeploy.errors import NormdeployError
 
 # One module per subcommand; each has add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("models", "export", "inspect", "verify")
+COMMANDS = ("models", "export", "inspect", "fold-bn", "verify", "deploy")
 
 
 class _Parser(argparse.ArgumentParser):

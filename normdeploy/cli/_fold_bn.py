@@ -1,0 +1,35 @@
+"""`normdeploy fold-bn in.onnx -o out.onnx`: fold BatchNorm exactly, with a ledger."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fold-bn",
+        help="fold BatchNormalization into neighbouring Conv/ConvTranspose/Gemm/MatMul",
+        description="Fold every BatchNormalization that folds exactly, explain every one kept, "
+        "and (unless --no-verify) check the folded graph against the input on onnxruntime "
+        "before writing it. Exit 1 when they differ (nothing is written).",
+    )
+    p.add_argument("input", metavar="IN.onnx", help="ONNX file to fold (never modified)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    p.add_argument("--report", help="also write the ledger (.json, .md or text)")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check")
+    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    p.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # torch is never imported on this path: fold-bn's memory is measured against load+save.
+    from normdeploy.passes.fold_bn import fold_bn_file
+    from normdeploy.report import render
+
+    result = fold_bn_file(
+        args.input, args.output, overwrite=args.force, verify=args.verify, report=args.report
+    )
+    sys.stdout.write(render(result, args.format))
+    return 0
