@@ -12,12 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "export": "normdeploy.export",
+    "export": "normdeploy.exporting",
     "inspect": "normdeploy.census",
     "fold_bn": "normdeploy.passes.fold_bn",
     "fold_bn_module": "normdeploy.torch_fold",
-    "verify": "normdeploy.verify",
-    "deploy": "normdeploy.deploy",
+    "verify": "normdeploy.verification",
+    "deploy": "normdeploy.pipeline",
 }
 
 __all__ = ["__version__", *_API]

@@ -15,7 +15,7 @@ import models
 from normdeploy.census import DECOMPOSED_LAYERNORM, DECOMPOSITION, GROUPNORM_TRICK, inspect
 from normdeploy.cli import main
 from normdeploy.errors import InputFileError
-from normdeploy.export import exporter_quiet
+from normdeploy.exporting import exporter_quiet
 
 
 def decomposed_layernorm(dtype: int = TensorProto.FLOAT, eps: float = 1e-5) -> onnx.ModelProto:

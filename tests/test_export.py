@@ -20,7 +20,8 @@ import models
 from normdeploy.census import FOLDED, GROUPNORM_TRICK
 from normdeploy.cli import main
 from normdeploy.errors import ExportError, InvalidArgumentError, OutputPathError
-from normdeploy.export import (
+from normdeploy.exporting import (
+    DEFAULT_OPSET,
     EXPORTERS,
     METADATA_PREFIX,
     OFFERED_OPSETS,
@@ -86,10 +87,10 @@ def ort_vs_eval(path, module: nn.Module, name: str, batch: int) -> float:
     return float(np.max(np.abs(got - want)))
 
 
-# Every model runs at the default (dynamo, 21) and at (torchscript, 17); the models whose
+# Every model runs at the default (dynamo, 18) and at (torchscript, 17); the models whose
 # representation depends on exporter and opset run everywhere. The rest of the 14 × 2 × 3
 # matrix is marked slow (NORMDEPLOY_SLOW=1) to keep the suite within its time budget.
-FAST_COMBOS = (("dynamo", 21), ("torchscript", 17))
+FAST_COMBOS = (("dynamo", DEFAULT_OPSET), ("torchscript", 17))
 EVERY_COMBO = ("groupnorm32_cnn", "resnet_mini", "style_instancenorm_running")
 
 
@@ -243,7 +244,7 @@ def test_static_batch_and_metadata(tmp_path):
     assert [c.batch_size for c in result.batch_checks] == [2] and result.passed
     meta = {p.key[len(METADATA_PREFIX) :]: p.value for p in saved.metadata_props
             if p.key.startswith(METADATA_PREFIX)}  # fmt: skip
-    assert meta["model_name"] == "mlp" and meta["opset"] == "21"
+    assert meta["model_name"] == "mlp" and meta["opset"] == str(DEFAULT_OPSET)
     assert meta["exporter"].startswith("dynamo") and meta["dynamic_batch"] == "false"
     assert meta["version"]
 

@@ -30,7 +30,7 @@ from normdeploy.runtime import (
     graph_input_specs,
     make_feeds,
 )
-from normdeploy.verify import (
+from normdeploy.verification import (
     BATCH_INDEPENDENCE,
     CUDA_VS_CPU,
     ERROR,

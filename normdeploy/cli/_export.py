@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from normdeploy.export import (
+from normdeploy.exporting import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSET,
     EXPORTERS,
@@ -67,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.export import export_model
+    from normdeploy.exporting import export_model
     from normdeploy.io import check_output_path
     from normdeploy.modelspec import parse_shape
     from normdeploy.report import render, write_report

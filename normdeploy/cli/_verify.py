@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from normdeploy.io import check_output_path
     from normdeploy.modelspec import parse_shape
     from normdeploy.report import render, write_report
-    from normdeploy.verify import verify
+    from normdeploy.verification import verify
 
     if args.report:
         check_output_path(
