@@ -7,6 +7,7 @@ says which failed and at which stage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import time
@@ -112,10 +113,14 @@ class DeployResult:
                 for lint in self.export.census.lints
             )
         if self.fold is not None:
+            kept: dict[str, list[str]] = {}
+            for entry in self.fold.skipped:
+                kept.setdefault(entry.reason, []).append(f"`{entry.node}`")
             tips.extend(
-                f"BatchNorm `{entry.node}` was kept: {entry.reason}. It costs a separate "
-                "pass at run time; the reason says what would make it foldable."
-                for entry in self.fold.skipped
+                f"{len(nodes)} BatchNormalization kept ({reason}): {', '.join(nodes)}. Each "
+                "costs a separate pass at run time; folding needs constant statistics and a "
+                "Conv/ConvTranspose/Gemm/MatMul neighbour whose output it alone reads."
+                for reason, nodes in kept.items()
             )
         if self.verification is not None and not self.verification:
             tips.append(
@@ -321,7 +326,7 @@ def deploy(
         with tempfile.TemporaryDirectory(prefix=".deploy-", dir=out) as tmp:
             with progress.stage(model, "export", timings):
                 resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
-                state["export"] = export(
+                exported = export(
                     resolved.module,
                     resolved.example_inputs,
                     Path(tmp) / "exported.onnx",
@@ -329,6 +334,14 @@ def deploy(
                     exporter=exporter,
                     model_name=resolved.name,
                     source=resolved.source,
+                )
+                # The exported graph lives in a temp dir; the report names the final file.
+                state["export"] = dataclasses.replace(
+                    exported,
+                    path=final,
+                    census=dataclasses.replace(
+                        exported.census, source=f"{final} (before fold-bn)"
+                    ),
                 )
             stage = "fold-bn"
             with progress.stage(model, "fold-bn", timings):

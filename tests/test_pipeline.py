@@ -1,0 +1,96 @@
+"""deploy end to end: library and CLI, asserting on the reports' content."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import models
+from normdeploy import deploy
+from normdeploy.pipeline import deploy_many
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ort_vs_torch(model_path: Path, name: str, batch: int = 2) -> float:
+    """Independent check of the written model: onnxruntime vs PyTorch eval."""
+    x = models.get(name).inputs(batch)[0]
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = models.get(name).build()(x).numpy()
+    return float(np.max(np.abs(got - want)))
+
+
+def test_deploy_cnn_with_bn_left_by_the_exporter(tmp_path):
+    """TorchScript keeps BN after a grouped ConvTranspose: fold-bn folds it, verify passes."""
+    out = tmp_path / "decoder"
+    result = deploy("decoder_convt", out, exporter="torchscript", opset=17)
+    assert result, result.to_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is True
+    counts = report["batch_norm"]
+    assert counts["exporter"] + counts["fold-bn"] == 2 and counts["kept"] == 0
+    assert counts["fold-bn"] >= 1  # the grouped ConvTranspose's BN is ours to fold
+    assert report["verify"]["passed"] is True
+    # fp32 decoder, two transposed convs: ~1e-6 expected, 1e-4 is the documented tolerance
+    assert _ort_vs_torch(out / "model.onnx", "decoder_convt") < 1e-4
+    md = (out / "report.md").read_text()
+    assert "# Deployment report: `decoder_convt` — PASS" in md and "fold-bn" in md
+
+
+def test_deploy_transformer_and_groupnorm_report_representations(tmp_path):
+    summary = deploy_many(["transformer_preln", "groupnorm32_cnn"], tmp_path / "out")
+    assert summary, summary.to_text()
+    by_name = {r.model_name: r for r in summary.results}
+    reps = by_name["transformer_preln"].norm_representations()
+    assert reps["LayerNorm"] == {"LayerNormalization": 2}
+    gn = by_name["groupnorm32_cnn"].norm_representations()["GroupNorm"]
+    assert sum(gn.values()) == 2 and set(gn) <= {
+        "InstanceNormalization+Reshape",
+        "GroupNormalization",
+    }
+    assert (tmp_path / "out" / "summary.md").is_file()
+    data = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert data["passed"] and [m["model"] for m in data["models"]] == list(by_name)
+    for name in by_name:
+        assert _ort_vs_torch(tmp_path / "out" / name / "model.onnx", name) < 1e-4
+
+
+def test_one_failing_model_does_not_stop_the_others(tmp_path):
+    summary = deploy_many(["no_such_model", "conv_bn_relu"], tmp_path / "out")
+    assert not summary and summary.failed == ["no_such_model"]
+    failed, ok = summary.results
+    assert failed.failed_stage == "export" and "unknown reference model" in failed.error
+    assert ok.passed and (tmp_path / "out" / "conv_bn_relu" / "model.onnx").is_file()
+    assert not (tmp_path / "out" / "no_such_model" / "model.onnx").exists()
+    assert (
+        json.loads((tmp_path / "out" / "no_such_model" / "report.json").read_text())["passed"]
+        is False
+    )
+
+
+@pytest.mark.parametrize("model", ["conv_bn_relu"])
+def test_cli_deploy_subprocess(tmp_path, model):
+    out = tmp_path / "cli"
+    proc = subprocess.run(
+        [sys.executable, "cli.py", "deploy", model, "-o", str(out), "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["batch_norm"]["exporter"] == 1
+    assert report["norm_representations"] == {"BatchNorm": {"folded": 1}}
+    assert "[conv_bn_relu] export done" in proc.stderr  # progress per stage
+    again = subprocess.run(
+        [sys.executable, "cli.py", "deploy", model, "-o", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 2 and "exists (use --force" in again.stderr
