@@ -10,6 +10,7 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from normdeploy import __version__
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # Third-party chatter (exporter, torch init warnings from user factories) stays out of
+        # the way of the one line a user error gets; --verbose shows it.
+        warnings.simplefilter("ignore")
     if args.command is None:
         parser.print_help()
         return 2
