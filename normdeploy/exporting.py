@@ -48,6 +48,7 @@ from normdeploy.compare import (
 )
 from normdeploy.errors import ExportError, InvalidArgumentError
 from normdeploy.io import PROTOBUF_LIMIT, check_output_path, save_onnx
+from normdeploy.modes import TrainModeReport, eval_outputs, flatten_tensors, training_report
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.runtime import CPU, OrtRunner, graph_input_specs, make_feeds
 
@@ -68,37 +69,6 @@ DYNAMO_NATIVE_OPSET = 18  # the dynamo exporter writes >= 18; lower opsets are c
 CHECK_BATCH_SIZES = (1, 3)
 METADATA_PREFIX = "normdeploy."
 _TRACE_BATCH = 2  # torch.export specializes a size-1 dim to a constant: trace at batch 2
-
-
-@dataclass(frozen=True)
-class TrainModeReport:
-    """Whether the module arrived in train mode, and how much that mode changes its output."""
-
-    was_training: bool
-    training_modules: tuple[str, ...] = ()
-    max_abs_train_minus_eval: float | None = None
-    detail: str = ""
-
-    def summary(self) -> str:
-        if not self.was_training:
-            return "module was in eval mode"
-        names = ", ".join(self.training_modules[:6])
-        more = len(self.training_modules) - 6
-        names += f" (+{more} more)" if more > 0 else ""
-        diff = fmt_num(self.max_abs_train_minus_eval)
-        text = (
-            f"module was in TRAIN mode ({len(self.training_modules)} submodules training: "
-            f"{names}); max|train - eval| on the example input = {diff}; exported in eval mode"
-        )
-        return text + (f"; {self.detail}" if self.detail else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "was_training": self.was_training,
-            "training_modules": list(self.training_modules),
-            "max_abs_train_minus_eval": self.max_abs_train_minus_eval,
-            "detail": self.detail,
-        }
 
 
 @dataclass(frozen=True)
@@ -281,51 +251,6 @@ def exporter_quiet(verbose: bool = False) -> Iterator[None]:
                 logger.debug("exporter output:\n%s", chatter[-4000:])
 
 
-def _flatten(value: Any) -> list[Any]:
-    """Tensors of a (nested) output, in order."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flatten(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flatten(v)]
-    return []
-
-
-def _eval_outputs(module: Any, args: Sequence[Any]) -> list[np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        return [t.detach().cpu().numpy() for t in _flatten(module(*args))]
-
-
-def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeReport:
-    """Which submodules are training, and max|train - eval| on copies (the caller is untouched)."""
-    import torch
-
-    training = tuple(name or "<root>" for name, m in module.named_modules() if m.training)
-    if not training:
-        return TrainModeReport(False)
-    try:
-        train_copy = copy.deepcopy(module)  # a train-mode forward updates BN running stats
-        eval_copy = copy.deepcopy(module).eval()
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            train_out = _eval_outputs(train_copy, example_inputs)
-        eval_out = _eval_outputs(eval_copy, example_inputs)
-        diffs = [
-            float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-            for a, b in zip(train_out, eval_out, strict=True)
-            if a.shape == b.shape and a.size
-        ]
-        return TrainModeReport(True, training, max(diffs) if diffs else None)
-    except Exception as exc:  # e.g. BatchNorm1d refuses batch 1 in train mode
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return TrainModeReport(True, training, None, f"train-mode forward failed: {first}")
-
-
 def _input_names(module: Any, count: int) -> list[str]:
     try:
         params = [
@@ -417,7 +342,7 @@ def _export_torchscript(
 ) -> onnx.ModelProto:
     import torch
 
-    n_out = len(_flatten(_run_no_grad(module, args)))
+    n_out = len(flatten_tensors(_run_no_grad(module, args)))
     input_names = _input_names(module, len(args))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     dynamic_axes = None
@@ -536,7 +461,7 @@ def _batch_checks(
             continue
         args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         try:
-            expected = _eval_outputs(eval_module, args)
+            expected = eval_outputs(eval_module, args)
         except Exception as exc:
             checks.append(BatchCheck(batch, (), f"PyTorch eval failed: {_first_line(exc)}"))
             continue
@@ -609,7 +534,7 @@ def export(
     notes: list[str] = []
 
     try:
-        _eval_outputs(copy.deepcopy(module).eval(), args)
+        eval_outputs(copy.deepcopy(module).eval(), args)
     except Exception as exc:
         raise InvalidArgumentError(
             f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "

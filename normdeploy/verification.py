@@ -692,7 +692,7 @@ def _tolerance_rule(
 
 
 def _train_mode(module: Any, args: Sequence[Any]) -> TrainMode:
-    from normdeploy.exporting import training_report
+    from normdeploy.modes import training_report
 
     report = training_report(module, args)
     return TrainMode(

@@ -1,0 +1,93 @@
+"""Train vs eval mode: which submodules are training and how much that changes the output.
+
+Kept light (no exporter imports) because export and verify both report it. Everything runs on
+deep copies: a train-mode forward updates BatchNorm running statistics, and the caller's module
+must come back exactly as it was handed over.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from normdeploy.report import fmt_num
+
+
+@dataclass(frozen=True)
+class TrainModeReport:
+    """Whether the module arrived in train mode, and how much that mode changes its output."""
+
+    was_training: bool
+    training_modules: tuple[str, ...] = ()
+    max_abs_train_minus_eval: float | None = None
+    detail: str = ""
+
+    def summary(self) -> str:
+        if not self.was_training:
+            return "module was in eval mode"
+        names = ", ".join(self.training_modules[:6])
+        more = len(self.training_modules) - 6
+        names += f" (+{more} more)" if more > 0 else ""
+        diff = fmt_num(self.max_abs_train_minus_eval)
+        text = (
+            f"module was in TRAIN mode ({len(self.training_modules)} submodules training: "
+            f"{names}); max|train - eval| on the example input = {diff}; exported in eval mode"
+        )
+        return text + (f"; {self.detail}" if self.detail else "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "was_training": self.was_training,
+            "training_modules": list(self.training_modules),
+            "max_abs_train_minus_eval": self.max_abs_train_minus_eval,
+            "detail": self.detail,
+        }
+
+
+def flatten_tensors(value: Any) -> list[Any]:
+    """Tensors of a (nested) output, in order."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in flatten_tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in flatten_tensors(v)]
+    return []
+
+
+def eval_outputs(module: Any, args: Sequence[Any]) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        return [t.detach().cpu().numpy() for t in flatten_tensors(module(*args))]
+
+
+def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeReport:
+    """Which submodules are training, and max|train - eval| on copies (the caller is untouched)."""
+    import torch
+
+    training = tuple(name or "<root>" for name, m in module.named_modules() if m.training)
+    if not training:
+        return TrainModeReport(False)
+    try:
+        train_copy = copy.deepcopy(module)  # a train-mode forward updates BN running stats
+        eval_copy = copy.deepcopy(module).eval()
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            train_out = eval_outputs(train_copy, example_inputs)
+        eval_out = eval_outputs(eval_copy, example_inputs)
+        diffs = [
+            float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+            for a, b in zip(train_out, eval_out, strict=True)
+            if a.shape == b.shape and a.size
+        ]
+        return TrainModeReport(True, training, max(diffs) if diffs else None)
+    except Exception as exc:  # e.g. BatchNorm1d refuses batch 1 in train mode
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return TrainModeReport(True, training, None, f"train-mode forward failed: {first}")
