@@ -8,7 +8,8 @@ With scale γ, bias β, running mean μ, running variance σ² and epsilon ε, p
 per-channel bias): scale P's weight along its output-channel axis, ``W' = W · s``, and
 ``b' = b · s + t``. The axis comes from the op's layout: Conv weight ``(C_out, C_in/g, k…)``
 axis 0; ConvTranspose weight ``(C_in, C_out/g, k…)`` axis 1 within each group; Gemm ``B`` the
-output-feature axis (``transB`` decides which); MatMul ``B`` its last axis.
+output-feature axis (``transB`` decides which); MatMul ``B`` its last axis (a MatMul has no bias:
+the BatchNormalization becomes ``Add(x, t)``).
 
 *Into the following consumer* C (``C(BN(x))``), only where that is exact: a Conv with no padding
 (a padded border sees zeros, not ``t``), or a Gemm on the BN output: ``W'`` scales the
@@ -16,11 +17,15 @@ input-channel axis by ``s`` and ``b' = b + W·t``.
 
 Everything is computed in float64 and cast once to the weight's dtype; a result that does not fit
 that dtype (fp16 overflow) is refused. A fold that is not provably exact is skipped and the
-ledger says why: the producer's output has other consumers or is a graph output, parameters are
-not constants (initializers and Constant nodes both count as constants), ``training_mode=1`` or
-extra BN outputs, a channel mismatch, unknown ranks, non-finite statistics, a BN inside a
-control-flow subgraph. Folded weights are written under fresh, unique names, so a weight shared
-with another node is never changed under it; tensors left without users are removed.
+ledger says why: the producer's output has other readers or is a graph output, parameters are
+not constants (initializers and Constant nodes count, also through Identity/Transpose),
+``training_mode=1`` or extra BN outputs, a channel mismatch, unknown ranks, non-finite
+statistics, a BN inside a control-flow subgraph or a function (left as it was).
+
+Memory: a weight read only by the folded node is rewritten in its own initializer (same name);
+a weight with other readers is left alone and the folded copy gets a fresh name that collides
+with nothing in the model (subgraphs included). Tensors and Constant/Identity/Transpose nodes
+that the fold left without readers are removed; nothing else is.
 """
 
 from __future__ import annotations
@@ -36,21 +41,27 @@ from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import external_data_helper, helper, numpy_helper
 
-from normdeploy.compare import ArrayComparison, compare_onnx_models, default_tolerance
-from normdeploy.errors import InvalidModelError, VerificationFailed
-from normdeploy.io import check_output_path, read_onnx, save_onnx, write_text_atomic
+from normdeploy.compare import ArrayComparison, compare_onnx_models
+from normdeploy.errors import InvalidModelError, OutputPathError, VerificationFailed
+from normdeploy.io import check_output_path, read_onnx, save_onnx
 from normdeploy.passes import GraphPass, PassResult
-from normdeploy.report import fmt_num, markdown_table, render, text_table
+from normdeploy.passes._stream import save_model_streaming
+from normdeploy.report import fmt_num, markdown_table, text_table, write_report
 
 logger = logging.getLogger(__name__)
 
 MIN_OPSET = 9  # BatchNormalization before opset 9 had the `spatial`/`is_test` semantics
 _DEFAULT_DOMAINS = ("", "ai.onnx")
-# Checking the input with onnx.checker costs another copy of the model; above this size the
-# pass relies on its own structural check (every node input is defined).
-CHECKER_MAX_BYTES = 256 * 2**20
+# onnx.checker serializes the model (one more copy of every weight); above this many bytes of
+# weights the pass relies on its own structural check (every node input defined before use).
+CHECKER_MAX_BYTES = 64 * 2**20
+_FLOAT_TYPES = frozenset(
+    (onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+     onnx.TensorProto.BFLOAT16)
+)  # fmt: skip
+_PURE_WEIGHT_OPS = ("Constant", "Identity", "Transpose")
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -127,13 +138,14 @@ class FoldResult:
     def _verify_line(self) -> str:
         if self.verification is None:
             return "not verified (--no-verify)"
-        worst = max((c.max_abs for c in self.verification), default=0.0)
+        if not self.verification:
+            return "nothing folded: the graph is unchanged, nothing to check"
+        worst = max(self.verification, key=lambda c: c.needed_atol)
         status = "PASS" if self.verified else "FAIL"
-        tol = self.verification[0] if self.verification else None
-        tol_text = f" (atol={tol.atol:g}, rtol={tol.rtol:g})" if tol else ""
         return (
-            f"{status}: folded vs original on onnxruntime CPU, {len(self.verification)} "
-            f"output(s) × batch sizes, max |Δ| = {fmt_num(worst)}{tol_text}"
+            f"{status}: folded vs original on onnxruntime CPU (optimizations off), "
+            f"{len(self.verification)} output(s) × batch sizes, worst '{worst.name}' "
+            f"max |Δ| = {fmt_num(worst.max_abs)} (atol={worst.atol:g}, rtol={worst.rtol:g})"
         )
 
     def _summary(self) -> str:
@@ -182,16 +194,29 @@ def bn_scale_shift(
     return s, bias - mean * s
 
 
-def scale_output_channels(w: np.ndarray, s: np.ndarray, op: str, group: int = 1) -> np.ndarray:
-    """Multiply producer weight ``w`` by ``s`` along its output channels (float64 result)."""
-    w = np.asarray(w, np.float64)
+def scale_output_channels(
+    w: np.ndarray, s: np.ndarray, op: str, *, group: int = 1, trans_b: bool = False
+) -> np.ndarray:
+    """Multiply producer weight ``w`` by ``s`` along its output channels (float64 result).
+
+    Conv ``(C_out, C_in/g, k…)``: axis 0. ConvTranspose ``(C_in, C_out/g, k…)``: output channel
+    ``g·C_out/g + j`` is column ``j`` of group ``g``'s rows. Gemm ``B``: axis 0 with ``transB``,
+    else axis 1. MatMul ``B``: the last axis.
+    """
+    w = np.array(w, np.float64)  # a float64 copy, scaled in place
+    s = np.asarray(s, np.float64)
     if op == "Conv":
-        return w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+        w *= s.reshape((-1,) + (1,) * (w.ndim - 1))
+        return w
     if op == "ConvTranspose":
         c_in, c_out_g = w.shape[:2]
         grouped = w.reshape((group, c_in // group, c_out_g, *w.shape[2:]))
         sg = s.reshape((group, 1, c_out_g) + (1,) * (w.ndim - 2))
         return (grouped * sg).reshape(w.shape)
+    if op == "Gemm":
+        return w * (s[:, None] if trans_b else s[None, :])
+    if op == "MatMul":
+        return w * s
     raise ValueError(f"no output-channel layout for {op}")
 
 
@@ -207,6 +232,16 @@ def scale_conv_input_channels(
     sw = s[idx].reshape((c_out, c_in_g) + (1,) * (w.ndim - 2))
     tw = t[idx].reshape((c_out, c_in_g) + (1,) * (w.ndim - 2))
     return w * sw, (w * tw).reshape(c_out, -1).sum(axis=1)
+
+
+def scale_gemm_input_features(
+    w: np.ndarray, s: np.ndarray, t: np.ndarray, *, trans_b: bool = False, alpha: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gemm ``B`` after a per-feature affine of ``A``: (B', Δ) with Y' = A·B' + Δ (float64)."""
+    wk = np.asarray(w, np.float64)
+    wk = wk.T if trans_b else wk  # (K, N)
+    scaled = wk * np.asarray(s, np.float64)[:, None]
+    return (scaled.T if trans_b else scaled), alpha * (np.asarray(t, np.float64) @ wk)
 
 
 # ----------------------------------------------------------------------------- graph index
@@ -230,10 +265,17 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 class _Names:
     """Every name in the model, so new tensor names never collide (at any depth)."""
 
-    def __init__(self, graph: onnx.GraphProto) -> None:
+    def __init__(self, model: onnx.ModelProto) -> None:
         self.used: set[str] = set()
-        for g in _all_graphs(graph):
+        graphs = list(_all_graphs(model.graph))
+        for fn in model.functions:
+            self.used.add(fn.name)
+            for node in fn.node:
+                graphs.extend(g for sub in _subgraphs(node) for g in _all_graphs(sub))
+        for g in graphs:
+            self.used.add(g.name)
             self.used.update(t.name for t in g.initializer)
+            self.used.update(t.values.name for t in g.sparse_initializer)
             self.used.update(v.name for v in (*g.input, *g.output, *g.value_info))
             for n in g.node:
                 self.used.update(n.input)
@@ -249,78 +291,110 @@ class _Names:
         return name
 
 
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
+
+
 class _Index:
-    """Producers, consumers, constants and outer-scope uses of one graph."""
+    """Producers, readers, constants and subgraph reads of one graph, kept current by edits."""
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self.graph = graph
         self.init = {t.name: t for t in graph.initializer}
         self.graph_inputs = {v.name for v in graph.input}
         self.graph_outputs = {v.name for v in graph.output}
+        self.declared = {
+            vi.name: vi for vi in (*graph.value_info, *graph.input, *graph.output)
+        }
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        self.constant: dict[str, onnx.TensorProto] = {}
         self.subgraph_uses: set[str] = set()
         for node in graph.node:
-            for out in node.output:
-                if out:
-                    self.producer[out] = node
-            for inp in node.input:
-                if inp:
-                    self.consumers.setdefault(inp, []).append(node)
-            if node.op_type == "Constant" and node.domain in _DEFAULT_DOMAINS:
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
-                if value is not None:
-                    self.constant[node.output[0]] = value
+            self.attach(node)
             for sub in _subgraphs(node):
                 for g in _all_graphs(sub):
                     for n in g.node:
                         self.subgraph_uses.update(n.input)
 
+    def attach(self, node: onnx.NodeProto) -> None:
+        for out in node.output:
+            if out:
+                self.producer[out] = node
+        for inp in node.input:
+            if inp:
+                self.consumers.setdefault(inp, []).append(node)
+
+    def detach(self, node: onnx.NodeProto) -> None:
+        for out in node.output:
+            if out and self.producer.get(out) is node:
+                del self.producer[out]
+        for inp in node.input:
+            users = self.consumers.get(inp, [])
+            for k, user in enumerate(users):
+                if user is node:
+                    del users[k]
+                    break
+
     def const_array(self, name: str) -> np.ndarray | None:
-        """The value of a constant input (an initializer that is not a graph input, or a
-        Constant node), else None."""
+        """The value of a constant input (an initializer that is not a graph input, a Constant
+        node, or either through Identity/Transpose), else None."""
         if name in self.init and name not in self.graph_inputs:
-            return numpy_helper.to_array(self.init[name])
-        if name in self.constant:
-            return numpy_helper.to_array(self.constant[name])
+            tensor = self.init[name]
+            if _external(tensor):
+                raise _Skip(f"'{name}' is in external data that was not loaded")
+            return numpy_helper.to_array(tensor)
         node = self.producer.get(name)
+        if node is None or node.domain not in _DEFAULT_DOMAINS:
+            return None
+        if node.op_type == "Constant":
+            return _constant_value(node)
         # Exporters without constant folding write weights through Identity/Transpose.
-        if node is not None and node.domain in _DEFAULT_DOMAINS and node.input:
-            if node.op_type == "Identity":
-                return self.const_array(node.input[0])
-            if node.op_type == "Transpose":
-                value = self.const_array(node.input[0])
-                perm = _attr(node, "perm", None)
-                return None if value is None else np.transpose(value, perm)
+        if node.op_type == "Identity" and node.input:
+            return self.const_array(node.input[0])
+        if node.op_type == "Transpose" and node.input:
+            value = self.const_array(node.input[0])
+            return None if value is None else np.transpose(value, _attr(node, "perm", None))
         return None
 
     def const_dtype(self, name: str) -> int | None:
+        """The TensorProto element type of a constant input."""
         if name in self.init:
             return self.init[name].data_type
-        if name in self.constant:
-            return self.constant[name].data_type
         node = self.producer.get(name)
-        if node is not None and node.op_type in ("Identity", "Transpose") and node.input:
+        if node is None:
+            return None
+        if node.op_type == "Constant":
+            value = _constant_value(node)
+            return None if value is None else helper.np_dtype_to_tensor_dtype(value.dtype)
+        if node.op_type in ("Identity", "Transpose") and node.input:
             return self.const_dtype(node.input[0])
         return None
 
-    def single_use(self, value: str, user: onnx.NodeProto) -> str | None:
+    def sole_reader(self, value: str, user: onnx.NodeProto) -> str | None:
         """None if ``user`` is the only reader of ``value``; else why it is not."""
         if value in self.graph_outputs:
             return f"'{value}' is a graph output"
         users = self.consumers.get(value, [])
         if len(users) != 1 or users[0] is not user:
-            return f"'{value}' has {len(users)} consumers"
+            return f"'{value}' has {len(users)} readers"
         if value in self.subgraph_uses:
             return f"'{value}' is also read inside a subgraph"
         return None
 
+    def owns_initializer(self, name: str, user: onnx.NodeProto) -> bool:
+        """True when ``name`` is an initializer that only ``user`` reads (safe to rewrite)."""
+        return (
+            name in self.init
+            and name not in self.graph_inputs
+            and not _external(self.init[name])
+            and self.sole_reader(name, user) is None
+        )
+
     def rank(self, value: str, depth: int = 0) -> int | None:
         """Rank of a value from declared shapes, or propagated through rank-keeping ops."""
-        for vi in (*self.graph.value_info, *self.graph.input, *self.graph.output):
-            if vi.name == value and vi.type.tensor_type.HasField("shape"):
-                return len(vi.type.tensor_type.shape.dim)
+        vi = self.declared.get(value)
+        if vi is not None and vi.type.tensor_type.HasField("shape"):
+            return len(vi.type.tensor_type.shape.dim)
         if value in self.init:
             return len(self.init[value].dims)
         node = self.producer.get(value)
@@ -337,39 +411,13 @@ class _Index:
 
 
 _RANK_KEEPING = frozenset(
-    [
-        "Relu",
-        "LeakyRelu",
-        "PRelu",
-        "Elu",
-        "Selu",
-        "Celu",
-        "Gelu",
-        "Sigmoid",
-        "HardSigmoid",
-        "HardSwish",
-        "Tanh",
-        "Softplus",
-        "Softsign",
-        "Erf",
-        "Abs",
-        "Neg",
-        "Exp",
-        "Log",
-        "Sqrt",
-        "Reciprocal",
-        "Clip",
-        "Identity",
-        "Dropout",
-        "Cast",
-        "Softmax",
-        "LogSoftmax",
-        "BatchNormalization",
-        "LayerNormalization",
-        "InstanceNormalization",
-        "Mish",
-    ]
-)
+    (
+        "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Gelu", "Sigmoid", "HardSigmoid",
+        "HardSwish", "Tanh", "Softplus", "Softsign", "Erf", "Abs", "Neg", "Exp", "Log", "Sqrt",
+        "Reciprocal", "Clip", "Identity", "Dropout", "Cast", "Softmax", "LogSoftmax",
+        "BatchNormalization", "LayerNormalization", "InstanceNormalization", "Mish",
+    )
+)  # fmt: skip
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"))
 
 
@@ -378,6 +426,17 @@ def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
         if a.name == name:
             return helper.get_attribute_value(a)
     return default
+
+
+def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return None if _external(a.t) else numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.asarray(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.asarray(list(a.floats), np.float32)
+    return None
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: Any) -> None:
@@ -392,6 +451,24 @@ def _np_dtype(tensor_type: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type))
 
 
+def _finfo_max(dtype: np.dtype) -> float:
+    try:
+        return float(np.finfo(dtype).max)
+    except ValueError:  # bfloat16 and friends come from ml_dtypes
+        import ml_dtypes
+
+        return float(ml_dtypes.finfo(dtype).max)
+
+
+def _overwrite_tensor(tensor: onnx.TensorProto, value: np.ndarray) -> None:
+    """Replace a tensor's data (and dims) in place, keeping its name, type and doc string."""
+    for name in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(name)
+    del tensor.dims[:]
+    tensor.dims.extend(value.shape)
+    tensor.raw_data = np.ascontiguousarray(value).tobytes()
+
+
 # ----------------------------------------------------------------------------- the pass
 
 
@@ -403,18 +480,28 @@ class _Skip(Exception):
 class _Plan:
     """New constant values for one fold, applied only after every check passed."""
 
-    direction: str
+    direction: str  # "preceding" | "following"
     target: onnx.NodeProto
-    tensors: dict[int, np.ndarray]  # target input index → new value (float64)
-    dtype: int
-    extra: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)
+    dtype: np.dtype  # the target weight's dtype; every new value is cast to it once
+    updates: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
-    rewire: tuple[onnx.NodeProto, str] | None = None  # node whose output becomes BN's output
-    bn_to_add: np.ndarray | None = None  # MatMul without a bias: BN is rewritten as Add(x, t)
+    rewire: onnx.NodeProto | None = None  # preceding: this node's output becomes BN's output
+    shift: np.ndarray | None = None  # MatMul without a bias Add: BN becomes Add(x, shift)
+
+    def check_fits(self) -> None:
+        """Refuse values the target dtype cannot hold (fp16 overflow) before any edit."""
+        limit = _finfo_max(self.dtype)
+        values = [v for _, _, v in self.updates]
+        if self.shift is not None:
+            values.append(self.shift)
+        for value in values:
+            # max/min propagate NaN, so one comparison also refuses NaN and inf
+            if value.size and not max(value.max(), -value.min()) <= limit:
+                raise _Skip(f"folded values overflow {self.dtype.name}")
 
 
 class FoldBatchNorm(GraphPass):
-    """Fold every BatchNormalization that folds exactly; in place; builds the ledger."""
+    """Fold every BatchNormalization that folds exactly, in place; ``ledger`` says what it did."""
 
     name = "fold-bn"
     in_place = True
@@ -424,33 +511,39 @@ class FoldBatchNorm(GraphPass):
 
     def __call__(self, model: onnx.ModelProto) -> PassResult:
         self.ledger = []
-        names = _Names(model.graph)
+        names = _Names(model)
         self._fold_graph(model.graph, names, "main")
-        self._note_subgraph_bns(model.graph)
+        self._note_nested_bns(model)
         return PassResult(model, any(e.folded for e in self.ledger))
 
-    def _note_subgraph_bns(self, graph: onnx.GraphProto) -> None:
-        for node in graph.node:
-            for sub in _subgraphs(node):
-                for g in _all_graphs(sub):
-                    self.ledger.extend(
-                        LedgerEntry(
-                            n.name or n.output[0],
-                            g.name or node.op_type,
-                            False,
-                            reason=f"inside a {node.op_type} subgraph: left as it was",
-                        )
-                        for n in g.node
-                        if n.op_type == "BatchNormalization" and n.domain in _DEFAULT_DOMAINS
-                    )
+    def _note_nested_bns(self, model: onnx.ModelProto) -> None:
+        places = [
+            (g, f"inside a {node.op_type} subgraph")
+            for node in model.graph.node
+            for sub in _subgraphs(node)
+            for g in _all_graphs(sub)
+        ]
+        places += [(fn, f"inside function '{fn.name}'") for fn in model.functions]
+        for g, where in places:
+            self.ledger.extend(
+                LedgerEntry(
+                    n.name or n.output[0],
+                    getattr(g, "name", "") or where.split()[-1].strip("'"),
+                    False,
+                    reason=f"{where}: left as it was",
+                )
+                for n in g.node
+                if n.op_type == "BatchNormalization" and n.domain in _DEFAULT_DOMAINS
+            )
 
     def _fold_graph(self, graph: onnx.GraphProto, names: _Names, graph_name: str) -> None:
+        index = _Index(graph)
+        edits = _Edits()
         bns = [
             n
             for n in graph.node
             if n.op_type == "BatchNormalization" and n.domain in _DEFAULT_DOMAINS
         ]
-        index = _Index(graph)
         for bn in bns:
             label = bn.name or bn.output[0]
             try:
@@ -458,22 +551,19 @@ class FoldBatchNorm(GraphPass):
             except _Skip as why:
                 self.ledger.append(LedgerEntry(label, graph_name, False, reason=str(why)))
                 continue
-            self._apply(graph, index, bn, plan, names)
-            index = _Index(graph)  # rewiring changed producers and consumers
+            target = plan.target.name or plan.target.output[0]
+            _apply(graph, index, names, edits, bn, plan)
+            note = (
+                "shift kept as an Add (MatMul has no bias)" if plan.shift is not None else ""
+            )
             self.ledger.append(
                 LedgerEntry(
-                    label,
-                    graph_name,
-                    True,
-                    plan.direction,
-                    plan.target.name or plan.target.output[0],
-                    plan.target.op_type,
+                    label, graph_name, True, plan.direction, target, plan.target.op_type, note
                 )
             )
-        if any(e.folded for e in self.ledger):
-            _remove_unused(graph)
+        edits.finish(graph, index)
 
-    # -- checks and arithmetic; raises _Skip with the reason
+    # -- checks and arithmetic; raise _Skip with the reason
     def _plan(self, index: _Index, bn: onnx.NodeProto) -> _Plan:
         if _attr(bn, "training_mode", 0):
             raise _Skip("training_mode=1 (normalizes with batch statistics)")
@@ -481,27 +571,50 @@ class FoldBatchNorm(GraphPass):
             raise _Skip("extra outputs (running mean/var) are used")
         if _attr(bn, "spatial", 1) != 1:
             raise _Skip("spatial=0 (per-element statistics) is not a per-channel affine")
-        if len(bn.input) < 5:
+        if len(bn.input) < 5 or not all(bn.input[:5]):
             raise _Skip("missing scale/bias/mean/var inputs")
         params = [index.const_array(name) for name in bn.input[1:5]]
         if any(p is None for p in params):
             raise _Skip("scale, bias, mean or var is not a constant")
         scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
         eps = float(_attr(bn, "epsilon", 1e-5))
+        if not (len(scale) == len(bias) == len(mean) == len(var)):
+            raise _Skip("scale/bias/mean/var lengths differ")
         if not all(np.isfinite(a).all() for a in (scale, bias, mean, var)):
             raise _Skip("non-finite values in scale/bias/mean/var")
         if not (var + eps > 0).all():
             raise _Skip("var + epsilon <= 0 (the BatchNorm computes NaN/inf)")
-        if not (len(scale) == len(bias) == len(mean) == len(var)):
-            raise _Skip("scale/bias/mean/var lengths differ")
         s, t = bn_scale_shift(scale, bias, mean, var, eps)
         reasons = []
         for attempt in (self._plan_preceding, self._plan_following):
             try:
-                return attempt(index, bn, s, t)
+                plan = attempt(index, bn, s, t)
+                plan.check_fits()
             except _Skip as why:  # noqa: PERF203
                 reasons.append(str(why))
+            else:
+                return plan
         raise _Skip("; ".join(reasons))
+
+    def _weights(
+        self, index: _Index, node: onnx.NodeProto, side: str
+    ) -> tuple[np.ndarray, np.ndarray | None, np.dtype]:
+        """(weight, bias or None, dtype) of a Conv/ConvTranspose/Gemm/MatMul; both constant."""
+        op = node.op_type
+        w = index.const_array(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+        if w is None:
+            raise _Skip(f"{side}: {op} weight is not a constant")
+        dtype = index.const_dtype(node.input[1])
+        if dtype not in _FLOAT_TYPES:
+            raise _Skip(f"{side}: {op} weight is not a float tensor")
+        b = None
+        if op != "MatMul" and len(node.input) > 2 and node.input[2]:
+            b = index.const_array(node.input[2])
+            if b is None:
+                raise _Skip(f"{side}: {op} bias is not a constant")
+            if index.const_dtype(node.input[2]) != dtype:
+                raise _Skip(f"{side}: {op} bias dtype differs from its weight's")
+        return w, b, _np_dtype(dtype)
 
     def _plan_preceding(
         self, index: _Index, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray
@@ -510,109 +623,90 @@ class FoldBatchNorm(GraphPass):
         node = index.producer.get(x)
         if node is None:
             raise _Skip("preceding: input is not produced by a node")
-        if (why := index.single_use(x, bn)) is not None:
+        if (why := index.sole_reader(x, bn)) is not None:
             raise _Skip(f"preceding: {why}")
-        add_node, add_value = None, None
+        add_node: onnx.NodeProto | None = None
+        add_slot, add_const = 0, np.zeros(())
         if node.op_type == "Add" and node.domain in _DEFAULT_DOMAINS:
             # bias as a separate Add: P → Add(const) → BN
             for i in (0, 1):
-                c = index.const_array(node.input[1 - i])
-                p = index.producer.get(node.input[i])
-                if c is not None and p is not None:
-                    add_node, add_value = node, (1 - i, c)
-                    if (why := index.single_use(node.input[i], node)) is not None:
+                const = index.const_array(node.input[1 - i])
+                producer = index.producer.get(node.input[i])
+                if const is not None and producer is not None:
+                    if (why := index.sole_reader(node.input[i], node)) is not None:
                         raise _Skip(f"preceding: {why}")
-                    node = p
+                    add_node, add_slot, add_const = node, 1 - i, const
+                    node = producer
                     break
             else:
                 raise _Skip("preceding: Add without a constant operand")
         op = node.op_type
-        if node.domain not in _DEFAULT_DOMAINS or op not in (
-            "Conv",
-            "ConvTranspose",
-            "Gemm",
-            "MatMul",
-        ):
+        if node.domain not in _DEFAULT_DOMAINS or op not in _PRODUCERS:
             raise _Skip(
                 f"preceding: {node.domain + '.' if node.domain else ''}{op} is not foldable"
             )
-        w = index.const_array(node.input[1]) if len(node.input) > 1 else None
-        if w is None:
-            raise _Skip(f"preceding: {op} weight is not a constant")
-        dtype = index.const_dtype(node.input[1])
-        assert dtype is not None
-        if _np_dtype(dtype).kind != "f":
-            raise _Skip(f"preceding: {op} weight is not floating point")
+        if node.output[0] != (add_node.input[1 - add_slot] if add_node else x):
+            raise _Skip(f"preceding: BN reads a secondary output of {op}")
+        w, b, dtype = self._weights(index, node, "preceding")
         c = len(s)
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        b = None
-        if has_bias:
-            b = index.const_array(node.input[2])
-            if b is None:
-                raise _Skip(f"preceding: {op} bias is not a constant")
-        plan = _Plan("preceding", node, {}, dtype, rewire=(add_node or node, bn.output[0]))
+        plan = _Plan("preceding", node, dtype, rewire=add_node or node)
         if op in ("Conv", "ConvTranspose"):
             group = int(_attr(node, "group", 1))
+            if w.ndim < 3 or w.shape[0] % group:
+                raise _Skip(
+                    f"preceding: {op} weight shape {w.shape} does not match group={group}"
+                )
             c_out = w.shape[0] if op == "Conv" else w.shape[1] * group
-            if w.ndim < 3 or c_out != c:
+            if c_out != c:
                 raise _Skip(f"preceding: {op} has {c_out} output channels, BN has {c}")
-            plan.tensors[1] = scale_output_channels(w, s, op, group)
-            base = np.zeros(c) if b is None else np.asarray(b, np.float64).reshape(-1)
-            channel_shape = (c,) + (1,) * (w.ndim - 2)  # broadcast against (N, C, spatial…)
+            plan.updates.append((node, 1, scale_output_channels(w, s, op, group=group)))
+            channel_shape: tuple[int, ...] = (c,) + (1,) * (w.ndim - 2)
+            out_rank = w.ndim
+            if b is not None or add_node is None:
+                base = np.zeros(c) if b is None else np.asarray(b, np.float64).reshape(-1)
+                if base.shape != (c,):
+                    raise _Skip(f"preceding: {op} bias has {base.size} values, BN has {c}")
+                plan.updates.append((node, 2, base * s + (0 if add_node else t)))
         elif op == "Gemm":
-            if _attr(node, "transA", 0) not in (0, 1):
-                raise _Skip("preceding: odd Gemm attributes")
-            trans_b = int(_attr(node, "transB", 0))
+            trans_b = bool(_attr(node, "transB", 0))
             n_out = w.shape[0] if trans_b else w.shape[1]
             if w.ndim != 2 or n_out != c:
                 raise _Skip(f"preceding: Gemm has {n_out} output features, BN has {c}")
-            plan.tensors[1] = w * (s[:, None] if trans_b else s[None, :])
-            alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            del alpha  # Y = alpha·A·B + beta·C: scaling B and C by s scales Y by s
+            plan.updates.append((node, 1, scale_output_channels(w, s, op, trans_b=trans_b)))
+            beta = float(_attr(node, "beta", 1.0))
+            channel_shape, out_rank = (c,), 2
             if b is not None and beta != 0:
-                cb = np.broadcast_to(np.asarray(b, np.float64), _gemm_c_shape(b, c))
-                plan.tensors[2] = cb * s + t / beta
-            else:
-                plan.tensors[2] = t.copy()
+                # Y = alpha·A·B + beta·C: scaling B and C by s scales Y by s
+                cb = np.asarray(b, np.float64)
+                if cb.ndim > 2:
+                    raise _Skip("preceding: Gemm C has more than 2 dimensions")
+                plan.updates.append((node, 2, cb * s + (0 if add_node else t / beta)))
+            elif add_node is None:
+                plan.updates.append((node, 2, t.copy()))
                 plan.attrs["beta"] = 1.0
-            channel_shape = (c,)
-            base = None
-        else:  # MatMul: BN's channel axis must be the last axis, i.e. a 2-D output
+        else:  # MatMul: BN's channel axis 1 is the feature axis only for a 2-D product
             rank = index.rank(node.input[0])
             if rank != 2:
                 raise _Skip(
-                    "preceding: MatMul output rank unknown"
+                    "preceding: MatMul input rank unknown"
                     if rank is None
                     else f"preceding: MatMul output is {rank}-D; BN's channel axis 1 is not "
                     "the feature axis"
                 )
             if w.ndim != 2 or w.shape[1] != c:
                 raise _Skip(f"preceding: MatMul has {w.shape[-1]} output features, BN has {c}")
-            plan.tensors[1] = w * s[None, :]
-            channel_shape = (c,)
-            base = None
+            plan.updates.append((node, 1, scale_output_channels(w, s, op)))
+            channel_shape, out_rank = (c,), 2
             if add_node is None:
-                plan.bn_to_add = t  # the BN node itself becomes Add(x, t)
-                plan.rewire = None
+                plan.shift, plan.rewire = t, None
         if add_node is not None:
-            i, const = add_value  # type: ignore[misc]
-            const = np.asarray(const, np.float64)
-            while const.ndim > len(channel_shape) and const.shape[0] == 1:
-                const = const[0]  # (1, C, 1, 1) → (C, 1, 1): leading 1s are the batch axis
-            try:
-                cvec = np.broadcast_to(const, channel_shape)
-            except ValueError:
-                raise _Skip("preceding: bias Add is not per-channel") from None
-            cdtype = index.const_dtype(add_node.input[i])
-            s_b = s.reshape((c,) + (1,) * (len(channel_shape) - 1))
-            t_b = t.reshape(s_b.shape)
-            plan.extra.append((add_node, i, cvec * s_b + t_b))
-            if cdtype is not None and cdtype != dtype:
+            plan.updates.append(
+                (add_node, add_slot, _fold_bias_add(add_const, s, t, channel_shape, out_rank))
+            )
+            if index.const_dtype(add_node.input[add_slot]) != helper.np_dtype_to_tensor_dtype(
+                dtype
+            ):
                 raise _Skip("preceding: bias Add dtype differs from the weight dtype")
-            if op in ("Conv", "ConvTranspose") and b is not None:
-                plan.tensors[2] = base * s
-        elif op in ("Conv", "ConvTranspose"):
-            plan.tensors[2] = base * s + t
         return plan
 
     def _plan_following(
@@ -621,26 +715,18 @@ class FoldBatchNorm(GraphPass):
         y = bn.output[0]
         users = index.consumers.get(y, [])
         if y in index.graph_outputs or len(users) != 1 or y in index.subgraph_uses:
-            raise _Skip("following: BN output has other consumers or is a graph output")
+            raise _Skip("following: BN output has other readers or is a graph output")
         node = users[0]
         op = node.op_type
         if node.domain not in _DEFAULT_DOMAINS or op not in ("Conv", "Gemm"):
-            raise _Skip(f"following: {op} is not foldable")
-        if list(node.input).index(y) != 0:
+            raise _Skip(
+                f"following: {node.domain + '.' if node.domain else ''}{op} is not foldable"
+            )
+        if node.input[0] != y:
             raise _Skip(f"following: BN output is not {op}'s data input")
-        w = index.const_array(node.input[1]) if len(node.input) > 1 else None
-        if w is None:
-            raise _Skip(f"following: {op} weight is not a constant")
-        dtype = index.const_dtype(node.input[1])
-        assert dtype is not None
-        if _np_dtype(dtype).kind != "f":
-            raise _Skip(f"following: {op} weight is not floating point")
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        b = index.const_array(node.input[2]) if has_bias else None
-        if has_bias and b is None:
-            raise _Skip(f"following: {op} bias is not a constant")
+        w, b, dtype = self._weights(index, node, "following")
         c = len(s)
-        plan = _Plan("following", node, {}, dtype)
+        plan = _Plan("following", node, dtype)
         if op == "Conv":
             pads = list(_attr(node, "pads", []))
             auto_pad = _attr(node, "auto_pad", b"NOTSET")
@@ -650,116 +736,181 @@ class FoldBatchNorm(GraphPass):
                     "following: padded Conv (borders see zeros, not the BN shift): not exact"
                 )
             group = int(_attr(node, "group", 1))
-            if w.ndim < 3 or w.shape[1] * group != c:
+            if w.ndim < 3 or w.shape[1] * group != c or w.shape[0] % group:
                 raise _Skip(
                     f"following: Conv has {w.shape[1] * group} input channels, BN has {c}"
                 )
             new_w, delta = scale_conv_input_channels(w, s, t, group)
-            plan.tensors[1] = new_w
             base = np.zeros(w.shape[0]) if b is None else np.asarray(b, np.float64).reshape(-1)
-            plan.tensors[2] = base + delta
+            if base.shape != delta.shape:
+                raise _Skip("following: Conv bias does not match its output channels")
+            plan.updates += [(node, 1, new_w), (node, 2, base + delta)]
         else:  # Gemm: A' = A·s + t  →  B' = diag(s)·B, C' = C + (alpha/beta)·t·B
             if _attr(node, "transA", 0):
                 raise _Skip("following: Gemm with transA=1 normalizes the wrong axis")
-            trans_b = int(_attr(node, "transB", 0))
-            wb = np.asarray(w, np.float64)
-            wk = wb.T if trans_b else wb  # (K, N)
-            if wk.shape[0] != c:
-                raise _Skip(f"following: Gemm has {wk.shape[0]} input features, BN has {c}")
-            scaled = wk * s[:, None]
-            plan.tensors[1] = scaled.T if trans_b else scaled
+            trans_b = bool(_attr(node, "transB", 0))
+            k = w.shape[1] if trans_b else w.shape[0]
+            if w.ndim != 2 or k != c:
+                raise _Skip(f"following: Gemm has {k} input features, BN has {c}")
             alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-            shift = alpha * (t @ wk)
+            new_w, shift = scale_gemm_input_features(w, s, t, trans_b=trans_b, alpha=alpha)
+            plan.updates.append((node, 1, new_w))
             if b is not None and beta != 0:
-                n = wk.shape[1]
-                cb = np.broadcast_to(np.asarray(b, np.float64), _gemm_c_shape(b, n))
-                plan.tensors[2] = cb + shift / beta
+                cb = np.asarray(b, np.float64)
+                if cb.ndim > 2:
+                    raise _Skip("following: Gemm C has more than 2 dimensions")
+                plan.updates.append((node, 2, cb + shift / beta))
             else:
-                plan.tensors[2] = shift
+                plan.updates.append((node, 2, shift))
                 plan.attrs["beta"] = 1.0
         return plan
 
-    # -- rewrite
-    def _apply(
-        self,
-        graph: onnx.GraphProto,
-        index: _Index,
-        bn: onnx.NodeProto,
-        plan: _Plan,
-        names: _Names,
-    ) -> None:
-        target_dtype = _np_dtype(plan.dtype)
-        limit = np.finfo(target_dtype).max if target_dtype.kind == "f" else None
-        updates = [(plan.target, i, v) for i, v in plan.tensors.items()] + plan.extra
-        for node, _, value in updates:
-            if limit is not None and np.abs(value).max(initial=0) > limit:
-                raise _Skip(f"folded values overflow {target_dtype.name} ({node.op_type})")
-        for node, i, value in updates:
-            base = node.input[i] if i < len(node.input) and node.input[i] else node.name + "_B"
-            new_name = names.fresh(base or "bn_folded")
-            graph.initializer.append(
-                numpy_helper.from_array(value.astype(target_dtype), new_name)
-            )
-            while len(node.input) <= i:
-                node.input.append("")
-            node.input[i] = new_name
-        for key, value in plan.attrs.items():
-            _set_attr(plan.target, key, value)
-        if plan.bn_to_add is not None:
-            shift = names.fresh((bn.name or "bn") + "_shift")
-            graph.initializer.append(
-                numpy_helper.from_array(plan.bn_to_add.astype(target_dtype), shift)
-            )
-            add = helper.make_node("Add", [bn.input[0], shift], [bn.output[0]], name=bn.name)
-            add.metadata_props.extend(bn.metadata_props)
-            graph.node.insert(list(graph.node).index(bn), add)
-        elif plan.direction == "preceding":
-            assert plan.rewire is not None
-            producer, out_name = plan.rewire
-            producer.output[0] = out_name
-        else:
-            plan.target.input[0] = bn.input[0]
-        graph.node.remove(bn)
+
+_PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
-def _gemm_c_shape(c: np.ndarray, n: int) -> tuple[int, ...]:
-    """Gemm's C broadcasts to (M, N); a per-feature vector keeps shape (N,) or its own."""
-    shape = np.shape(c)
-    return (n,) if len(shape) <= 1 else shape
+def _fold_bias_add(
+    const: np.ndarray, s: np.ndarray, t: np.ndarray, channel_shape: tuple[int, ...], rank: int
+) -> np.ndarray:
+    """The constant of ``Add(P(x), c)`` after folding: ``c·s + t``, if ``c`` is per-channel."""
+    const = np.asarray(const, np.float64)
+    try:
+        shape = np.broadcast_shapes(const.shape, channel_shape)
+    except ValueError:
+        raise _Skip("preceding: bias Add is not per-channel") from None
+    k = len(channel_shape)
+    lead = shape[: len(shape) - k]
+    if (
+        len(shape) > rank
+        or tuple(shape[len(shape) - k :]) != channel_shape
+        or any(d != 1 for d in lead)
+    ):
+        raise _Skip("preceding: bias Add is not per-channel")
+    return const * s.reshape(channel_shape) + t.reshape(channel_shape)
 
 
-def _remove_unused(graph: onnx.GraphProto) -> None:
-    """Drop initializers, Constant nodes and value_info that nothing reads any more."""
-    used: set[str] = {v.name for v in graph.output}
-    for g in _all_graphs(graph):
-        for n in g.node:
-            used.update(n.input)
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    # Side-effect-free producers of weights (Constant, Identity, Transpose) left without readers.
-    pure = ("Constant", "Identity", "Transpose")
-    while dead := [
-        n
-        for n in graph.node
-        if n.op_type in pure and n.domain in _DEFAULT_DOMAINS and n.output[0] not in used
-    ]:
-        for n in dead:
-            graph.node.remove(n)
-        used = {v.name for v in graph.output}
-        for g in _all_graphs(graph):
-            for n in g.node:
-                used.update(n.input)
-    keep = [t for t in graph.initializer if t.name in used]
-    if len(keep) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
-    produced = {o for n in graph.node for o in n.output} | {v.name for v in graph.input}
-    produced |= {t.name for t in graph.initializer}
-    stale = [vi for vi in graph.value_info if vi.name not in produced]
-    for vi in stale:
-        graph.value_info.remove(vi)
+class _Edits:
+    """What the folds removed: BN nodes, renamed values, and tensors that may now be unread."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.candidates: list[str] = []
+        self.gone: set[str] = set()
+
+    def finish(self, graph: onnx.GraphProto, index: _Index) -> None:
+        """Drop what lost its last reader, then delete removed nodes and stale value_info."""
+        dead_init: set[str] = set()
+        work = list(self.candidates)
+        while work:
+            name = work.pop()
+            if (
+                index.consumers.get(name)
+                or name in index.graph_outputs
+                or name in index.subgraph_uses
+                or name in self.gone
+            ):
+                continue
+            if name in index.init:
+                if name not in index.graph_inputs:
+                    dead_init.add(name)
+                    self.gone.add(name)
+                continue
+            node = index.producer.get(name)
+            if (
+                node is not None
+                and node.op_type in _PURE_WEIGHT_OPS
+                and node.domain in _DEFAULT_DOMAINS
+                and len(node.output) == 1
+            ):
+                index.detach(node)
+                self.nodes.append(node)
+                self.gone.add(name)
+                work.extend(i for i in node.input if i)
+        if self.nodes:
+            ids = {id(n) for n in self.nodes}
+            for k in reversed(range(len(graph.node))):
+                if id(graph.node[k]) in ids:
+                    del graph.node[k]
+        if dead_init:
+            for k in reversed(range(len(graph.initializer))):
+                if graph.initializer[k].name in dead_init:
+                    del graph.initializer[k]
+        if self.gone:
+            for k in reversed(range(len(graph.value_info))):
+                if graph.value_info[k].name in self.gone:
+                    del graph.value_info[k]
+
+
+def _set_input_constant(
+    graph: onnx.GraphProto,
+    index: _Index,
+    names: _Names,
+    edits: _Edits,
+    node: onnx.NodeProto,
+    slot: int,
+    value: np.ndarray,
+    dtype: np.dtype,
+) -> None:
+    """Make input ``slot`` of ``node`` the constant ``value``: in place when only ``node``
+    reads the old initializer, else under a fresh name (shared weights stay untouched)."""
+    old = node.input[slot] if slot < len(node.input) else ""
+    array = value.astype(dtype)
+    if old and index.owns_initializer(old, node):
+        _overwrite_tensor(index.init[old], array)
+        return
+    role = ("X", "W", "B")[slot] if node.op_type in _PRODUCERS else f"in{slot}"
+    name = names.fresh(old or f"{node.name or node.op_type}.{role}")
+    graph.initializer.append(numpy_helper.from_array(array, name))
+    index.init[name] = graph.initializer[len(graph.initializer) - 1]
+    index.detach(node)
+    while len(node.input) <= slot:
+        node.input.append("")
+    node.input[slot] = name
+    index.attach(node)
+    if old:
+        edits.candidates.append(old)
+
+
+def _apply(
+    graph: onnx.GraphProto,
+    index: _Index,
+    names: _Names,
+    edits: _Edits,
+    bn: onnx.NodeProto,
+    plan: _Plan,
+) -> None:
+    for node, slot, value in plan.updates:
+        _set_input_constant(graph, index, names, edits, node, slot, value, plan.dtype)
+    for key, value in plan.attrs.items():
+        _set_attr(plan.target, key, value)
+    index.detach(bn)
+    edits.candidates.extend(name for name in bn.input[1:] if name)
+    x, y = bn.input[0], bn.output[0]
+    if plan.shift is not None:
+        # The BN node itself becomes Add(x, t): same name, place and output.
+        shift = names.fresh(f"{bn.name or y}.shift")
+        graph.initializer.append(numpy_helper.from_array(plan.shift.astype(plan.dtype), shift))
+        index.init[shift] = graph.initializer[len(graph.initializer) - 1]
+        bn.op_type, bn.domain = "Add", ""
+        del bn.attribute[:]
+        del bn.input[:]
+        bn.input.extend([x, shift])
+        del bn.output[1:]
+        index.attach(bn)
+        return
+    edits.nodes.append(bn)
+    if plan.direction == "preceding":
+        producer = plan.rewire
+        assert producer is not None
+        index.detach(producer)
+        producer.output[0] = y
+        index.attach(producer)
+        edits.gone.add(x)
+    else:
+        index.detach(plan.target)
+        plan.target.input[0] = x
+        index.attach(plan.target)
+        edits.gone.add(y)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -770,6 +921,18 @@ def _default_opset(model: onnx.ModelProto) -> int | None:
         if o.domain in _DEFAULT_DOMAINS:
             return int(o.version)
     return None
+
+
+def _weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of initializer data, from dims and types alone (no data is touched)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+        try:
+            total += n * _np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            total += n
+    return total
 
 
 def validate_for_folding(model: onnx.ModelProto, source: str) -> None:
@@ -789,7 +952,7 @@ def validate_for_folding(model: onnx.ModelProto, source: str) -> None:
                     f"'{name}', which nothing defines before it"
                 )
         defined.update(node.output)
-    if model.ByteSize() <= CHECKER_MAX_BYTES:
+    if _weight_bytes(model) <= CHECKER_MAX_BYTES:
         try:
             onnx.checker.check_model(model)
         except onnx.checker.ValidationError as exc:
@@ -797,15 +960,21 @@ def validate_for_folding(model: onnx.ModelProto, source: str) -> None:
             raise InvalidModelError(f"{source}: fails onnx.checker: {first[:200]}") from None
 
 
-def fold_tolerance(model: onnx.ModelProto) -> Any:
-    """The tolerance of the verification: that of the graph outputs' dtype."""
-    dtypes = [
-        _np_dtype(o.type.tensor_type.elem_type)
-        for o in model.graph.output
-        if o.type.tensor_type.elem_type
-    ]
-    worst = max(dtypes, key=lambda d: default_tolerance(d).atol, default=np.dtype("float32"))
-    return default_tolerance(worst)
+def _verify(original: Any, folded: Any, seed: int) -> tuple[ArrayComparison, ...]:
+    """Original vs folded on onnxruntime CPU (optimizations off), tolerance from each dtype."""
+    return tuple(compare_onnx_models(original, folded, seed=seed))
+
+
+def _raise_if_failed(result: FoldResult, what: str) -> None:
+    if result.verified is False:
+        assert result.verification is not None
+        worst = max(result.verification, key=lambda c: c.needed_atol)
+        raise VerificationFailed(
+            f"{result.source}: folded graph differs from the original on output "
+            f"'{worst.name}' (max |Δ| {fmt_num(worst.max_abs)}, atol {worst.atol:g}, "
+            f"rtol {worst.rtol:g}); {what}",
+            result,
+        )
 
 
 def fold_bn(
@@ -817,38 +986,37 @@ def fold_bn(
 ) -> FoldResult:
     """Fold BatchNormalization in a model or file; verify against the original by default.
 
-    A ModelProto is copied unless ``inplace=True``. Raises VerificationFailed when the folded
-    graph differs from the original beyond the dtype's tolerance.
+    A caller's ModelProto is copied first (one more copy of its weights) unless
+    ``inplace=True``; a file is loaded and folded in place. Raises VerificationFailed when the
+    folded graph differs from the original beyond the output dtype's tolerance.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
+    original: onnx.ModelProto | Path
     if isinstance(model, onnx.ModelProto):
-        source = "<model>"
-        original: onnx.ModelProto | Path = model
+        source, original = "<model>", model
+        validate_for_folding(model, source)
         work = model if inplace else _copy(model)
     else:
         loaded = read_onnx(model)
         source, original, work = str(loaded.path), loaded.path, loaded.model
+        validate_for_folding(work, source)
     timings["load"] = time.perf_counter() - start
-    validate_for_folding(work, source)
+    if inplace and verify and isinstance(model, onnx.ModelProto):
+        original = model.SerializeToString()  # the reference must not be the folded proto
     start = time.perf_counter()
     fold = FoldBatchNorm()
     fold(work)
     timings["fold"] = time.perf_counter() - start
     comparisons = None
-    if verify and fold.ledger and any(e.folded for e in fold.ledger):
+    if verify:
         start = time.perf_counter()
-        comparisons = _verify(original, work, seed)
-        timings["verify"] = time.perf_counter() - start
-    elif verify:
-        comparisons = ()
-    result = FoldResult(work, tuple(fold.ledger), source, comparisons, timings)
-    if result.verified is False:
-        raise VerificationFailed(
-            f"{source}: folded graph differs from the original "
-            f"(max |Δ| {fmt_num(max(c.max_abs for c in comparisons or ()))}); nothing written",
-            result,
+        comparisons = (
+            _verify(original, work, seed) if any(e.folded for e in fold.ledger) else ()
         )
+        timings["verify"] = time.perf_counter() - start
+    result = FoldResult(work, tuple(fold.ledger), source, comparisons, timings)
+    _raise_if_failed(result, "folded in place" if inplace else "the input was not changed")
     return result
 
 
@@ -858,12 +1026,14 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _verify(
-    original: onnx.ModelProto | Path, folded: onnx.ModelProto | Path, seed: int
-) -> tuple:
-    tol = fold_tolerance(folded if isinstance(folded, onnx.ModelProto) else onnx.load_model(
-        str(folded), load_external_data=False))  # fmt: skip
-    return tuple(compare_onnx_models(original, folded, seed=seed, tolerance=tol))
+def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
+    """The external data files an (unloaded) model refers to."""
+    files = set()
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            files.add((base / info.location).resolve())
+    return files
 
 
 def fold_bn_file(
@@ -875,49 +1045,63 @@ def fold_bn_file(
     report: str | os.PathLike[str] | None = None,
     seed: int = 0,
 ) -> FoldResult:
-    """Fold a file into another; the output appears only after it verified (atomic)."""
+    """Fold a file into another. The output is staged beside its target, verified against the
+    input, and only then renamed into place: a failed check leaves no output behind.
+
+    Keeps external data when the input had it (``OUT.data`` beside ``OUT``). The returned
+    model is the folded proto; after an external-data save its tensors point at that file.
+    """
     out = check_output_path(output_path, inputs=(input_path,), overwrite=overwrite)
     if report is not None:
-        check_output_path(report, inputs=(input_path, output_path), overwrite=overwrite)
+        check_output_path(
+            report, inputs=(input_path, output_path), overwrite=overwrite, what="report"
+        )
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
     loaded = read_onnx(input_path)
+    if loaded.external_data:
+        # The header is small when the weights are external; it still names the data files.
+        header = onnx.load_model(str(loaded.path), load_external_data=False)
+        data_out = (out.parent / (out.name + ".data")).resolve()
+        if data_out in _external_files(header, loaded.path.parent):
+            raise OutputPathError(
+                f"{out}: its external data file '{data_out.name}' is the input's; "
+                "choose another output name"
+            )
+        del header
     source = str(loaded.path)
     validate_for_folding(loaded.model, source)
-    timings: dict[str, float] = {}
+    timings["load"] = time.perf_counter() - start
     start = time.perf_counter()
     fold = FoldBatchNorm()
     fold(loaded.model)
     timings["fold"] = time.perf_counter() - start
-    comparisons: tuple | None = None
+    comparisons: tuple[ArrayComparison, ...] | None = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         start = time.perf_counter()
-        save_onnx(loaded.model, staged, external_data=loaded.external_data)
+        if loaded.external_data:
+            save_onnx(loaded.model, staged, external_data=True)
+        else:
+            try:
+                save_model_streaming(loaded.model, staged)
+            except OSError as exc:
+                raise OutputPathError(f"{out}: cannot write ({exc.strerror or exc})") from None
         timings["save"] = time.perf_counter() - start
         if verify:
             start = time.perf_counter()
-            comparisons = (
-                _verify(loaded.path, staged, seed)
-                if fold.ledger and any(e.folded for e in fold.ledger)
-                else ()
-            )
+            folded_any = any(e.folded for e in fold.ledger)
+            comparisons = _verify(loaded.path, staged, seed) if folded_any else ()
             timings["verify"] = time.perf_counter() - start
         result = FoldResult(loaded.model, tuple(fold.ledger), source, comparisons, timings)
         if result.verified is False:
             if report is not None:
-                write_text_atomic(report, render(result, _report_format(report)))
-            raise VerificationFailed(
-                f"{source}: folded graph differs from the original; {out} not written", result
-            )
+                write_report(result, report)
+            _raise_if_failed(result, f"{out} not written")
         data = staged.parent / (out.name + ".data")
         if data.exists():
             os.replace(data, out.parent / data.name)
         os.replace(staged, out)
     if report is not None:
-        write_text_atomic(report, render(result, _report_format(report)))
+        write_report(result, report)
     return result
-
-
-def _report_format(path: str | os.PathLike[str]) -> str:
-    from normdeploy.report import format_for_path
-
-    return format_for_path(path)
