@@ -26,7 +26,8 @@ class TrainModeReport:
     max_abs_train_minus_eval: float | None = None
     detail: str = ""
 
-    def summary(self) -> str:
+    def summary(self, action: str = "exported in eval mode") -> str:
+        """One line; ``action`` says what was done in eval mode despite a train-mode module."""
         if not self.was_training:
             return "module was in eval mode"
         names = ", ".join(self.training_modules[:6])
@@ -35,7 +36,7 @@ class TrainModeReport:
         diff = fmt_num(self.max_abs_train_minus_eval)
         text = (
             f"module was in TRAIN mode ({len(self.training_modules)} submodules training: "
-            f"{names}); max|train - eval| on the example input = {diff}; exported in eval mode"
+            f"{names}); max|train - eval| on the example input = {diff}; {action}"
         )
         return text + (f"; {self.detail}" if self.detail else "")
 

@@ -78,34 +78,6 @@ def module_output_values(graph: onnx.GraphProto) -> dict[str, str]:
     return result
 
 
-def capture_module_outputs(
-    module: Any, inputs: Sequence[Any], paths: Iterable[str]
-) -> dict[str, np.ndarray]:
-    """Eval-mode outputs of the named submodules (the first tensor of tuple outputs)."""
-    import torch
-
-    model = copy.deepcopy(module).eval()
-    named = dict(model.named_modules())
-    captured: dict[str, np.ndarray] = {}
-
-    def hook_for(path: str) -> Any:
-        def hook(_mod: Any, _inp: Any, output: Any) -> None:
-            t = output[0] if isinstance(output, (tuple, list)) else output
-            if isinstance(t, torch.Tensor):
-                captured[path] = t.detach().cpu().numpy()
-
-        return hook
-
-    handles = [named[p].register_forward_hook(hook_for(p)) for p in paths if p in named]
-    try:
-        with torch.no_grad():
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return captured
-
-
 @dataclass(frozen=True)
 class ModuleCall:
     """One submodule in a forward pass: its first output (first tensor) and how often it ran."""

@@ -47,6 +47,7 @@ from normdeploy.errors import (
     VerificationFailed,
 )
 from normdeploy.io import check_input_file, read_onnx
+from normdeploy.modes import TrainModeReport, training_report
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.runtime import (
     CPU,
@@ -113,36 +114,6 @@ class GraphFlag:
 
 
 @dataclass(frozen=True)
-class TrainMode:
-    """The reference module's mode when handed over, and how far train output is from eval."""
-
-    was_training: bool
-    training_modules: tuple[str, ...] = ()
-    max_abs_train_minus_eval: float | None = None
-    detail: str = ""
-
-    def summary(self) -> str:
-        if not self.was_training:
-            return "eval (as handed over)"
-        names = ", ".join(self.training_modules[:5])
-        if len(self.training_modules) > 5:
-            names += f" (+{len(self.training_modules) - 5} more)"
-        text = (
-            f"handed over in TRAIN mode ({names}); verified against eval; "
-            f"max|train - eval| = {fmt_num(self.max_abs_train_minus_eval)}"
-        )
-        return text + (f"; {self.detail}" if self.detail else "")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "was_training": self.was_training,
-            "training_modules": list(self.training_modules),
-            "max_abs_train_minus_eval": self.max_abs_train_minus_eval,
-            "detail": self.detail,
-        }
-
-
-@dataclass(frozen=True)
 class VerifyResult:
     """Everything verify compared and found; truthy when every check passed and no flag is an
     error."""
@@ -155,7 +126,7 @@ class VerifyResult:
     seeds: int
     checks: tuple[Check, ...]
     graph_flags: tuple[GraphFlag, ...] = ()
-    train_mode: TrainMode | None = None
+    train_mode: TrainModeReport | None = None
     bisection: Any = None  # bisect.Bisection
     notes: tuple[str, ...] = ()
 
@@ -254,7 +225,7 @@ class VerifyResult:
             ("batch sizes", ", ".join(map(str, self.batch_sizes)) + f"; seeds: {self.seeds}"),
         ]
         if self.train_mode is not None:
-            pairs.append(("module mode", self.train_mode.summary()))
+            pairs.append(("module mode", self.train_mode.summary("verified against eval")))
         pairs.append(("result", "PASS" if self.passed else "FAIL"))
         if not self.passed:
             pairs.append(("diagnosis", self.diagnosis or ""))
@@ -691,18 +662,6 @@ def _tolerance_rule(
     return rule
 
 
-def _train_mode(module: Any, args: Sequence[Any]) -> TrainMode:
-    from normdeploy.modes import training_report
-
-    report = training_report(module, args)
-    return TrainMode(
-        report.was_training,
-        report.training_modules,
-        report.max_abs_train_minus_eval,
-        report.detail,
-    )
-
-
 def verify(
     reference: Any,
     onnx_model: Any,
@@ -858,7 +817,7 @@ def verify(
     train_mode = None
     if module is not None:
         args = torch_cpu.args(largest.feeds if largest else feed_sets[0].feeds)  # type: ignore[union-attr]
-        train_mode = _train_mode(module, args)
+        train_mode = training_report(module, args)
 
     flags = tuple(graph_flags(candidate))
     result = VerifyResult(
