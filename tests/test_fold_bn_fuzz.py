@@ -4,6 +4,8 @@ decided from the generated structure, independently of the pass."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from hypothesis import HealthCheck, given, settings
@@ -235,3 +237,294 @@ def test_fold_into_following_is_exact_or_skipped(case) -> None:
     if not must_fold:
         result = fold_bn(model, verify=False)
         assert not result.folded and "padded Conv" in result.ledger[0].reason
+
+
+# ----------------------------------------------------------------------------- chains, dtypes
+
+_DTYPES = {"float32": (TensorProto.FLOAT, np.float32), "float16": (TensorProto.FLOAT16, np.float16),
+           "float64": (TensorProto.DOUBLE, np.float64)}  # fmt: skip
+
+
+def _stats(rng: np.random.Generator, c: int, kind: str) -> dict[str, np.ndarray]:
+    if kind == "identity":  # affine identity and fresh statistics
+        return {"g": np.ones(c), "b": np.zeros(c), "m": np.zeros(c), "v": np.ones(c)}
+    sign = np.where(rng.random(c) < 0.3, -1.0, 1.0)
+    stats = {
+        "g": sign * rng.uniform(0.3, 3.0, c),
+        "b": rng.normal(0, 1, c),
+        "m": rng.normal(0, 1, c),
+        "v": 10.0 ** rng.uniform(-2, 2, c),
+    }
+    if kind == "tiny_var":
+        stats["v"] = 10.0 ** rng.uniform(-7, -4, c)
+    elif kind == "large_mean":
+        stats["m"] = rng.normal(0, 1, c) * 300.0
+    return stats
+
+
+@st.composite
+def chains(draw):
+    """A random chain with branches: 4-D (Conv/ConvTranspose/BN/Relu/Add) in fp32/fp16, or
+    2-D (Gemm/MatMul/BN/Relu/Add) in fp32/fp16/fp64 (onnxruntime CPU has no float64 Conv)."""
+    dtype = draw(st.sampled_from(["float32", "float16", "float64"]))
+    spatial = dtype != "float64" and draw(st.booleans())
+    seed = draw(st.integers(0, 2**31))
+    rng = np.random.default_rng(seed)
+    elem, npdt = _DTYPES[dtype]
+    nodes, inits, extra_outputs, bns = [], [], [], []
+    counter = iter(range(1000))
+
+    def fresh(prefix: str) -> str:
+        return f"{prefix}{next(counter)}"
+
+    def const(value: np.ndarray, prefix: str) -> str:
+        name = fresh(prefix)
+        inits.append(numpy_helper.from_array(np.asarray(value).astype(npdt), name))
+        return name
+
+    batch = draw(st.integers(1, 2))
+    c = draw(st.integers(1, 8))
+    size = draw(st.integers(3, 6))
+    x_shape = [batch, c, size, size] if spatial else [batch, c]
+    live = [("X", c, size)]  # (value, channels, spatial size)
+    cur, cur_c, cur_s = "X", c, size
+    weights: dict[tuple, str] = {}  # shape → a weight name to share
+    for _ in range(draw(st.integers(1, 6))):
+        op = draw(
+            st.sampled_from(
+                ["Conv", "ConvTranspose", "BN", "BN", "Relu", "Add", "Add_const"]
+                if spatial
+                else ["Gemm", "MatMul", "BN", "BN", "Relu", "Add", "Add_const"]
+            )
+        )
+        out = fresh("v")
+        name = fresh("n")
+        if op == "BN":
+            kind = draw(st.sampled_from(["plain", "tiny_var", "large_mean", "identity"]))
+            eps = draw(st.sampled_from([1e-5, 1e-3]))
+            stats = _stats(rng, cur_c, kind)
+            names = [const(stats[k], f"bn{k}") for k in "gbmv"]
+            nodes.append(
+                helper.make_node(
+                    "BatchNormalization", [cur, *names], [out], name=name, epsilon=eps
+                )
+            )
+            bns.append(name)
+        elif op == "Relu":
+            nodes.append(helper.make_node("Relu", [cur], [out], name=name))
+        elif op == "Add_const":
+            shape = (
+                [1, cur_c, 1, 1] if spatial else draw(st.sampled_from([[cur_c], [1, cur_c]]))
+            )
+            a = const(rng.normal(0, 1, shape), "a")
+            ins = [cur, a] if draw(st.booleans()) else [a, cur]
+            nodes.append(helper.make_node("Add", ins, [out], name=name))
+        elif op == "Add":  # a branch: an earlier value of the same shape is read again
+            same = [v for v, vc, vs in live if vc == cur_c and vs == cur_s and v != cur]
+            if not same:
+                continue
+            other = draw(st.sampled_from(same))
+            nodes.append(helper.make_node("Add", [cur, other], [out], name=name))
+        elif op in ("Conv", "ConvTranspose"):
+            divisors = [g for g in range(1, cur_c + 1) if cur_c % g == 0]
+            group = draw(st.sampled_from(divisors))
+            out_c = group * draw(st.integers(1, max(1, 8 // group)))
+            k = draw(st.integers(1, min(3, cur_s)))
+            stride = draw(st.integers(1, 2))
+            attrs = {"group": group, "strides": [stride] * 2}
+            if op == "Conv":
+                pad = draw(st.integers(0, 1))
+                dil = draw(st.integers(1, 2)) if (k - 1) * 2 + 1 <= cur_s + 2 * pad else 1
+                attrs |= {"pads": [pad] * 4, "dilations": [dil] * 2}
+                new_s = (cur_s + 2 * pad - dil * (k - 1) - 1) // stride + 1
+                w_shape = (out_c, cur_c // group, k, k)
+            else:
+                outpad = draw(st.integers(0, stride - 1))
+                attrs["output_padding"] = [outpad] * 2
+                new_s = (cur_s - 1) * stride + k + outpad
+                w_shape = (cur_c, out_c // group, k, k)
+            if new_s < 1 or new_s > 12:
+                continue
+            share = w_shape in weights and draw(st.booleans())
+            wname = weights[w_shape] if share else const(rng.normal(0, 0.5, w_shape), "w")
+            weights.setdefault(w_shape, wname)
+            ins = [cur, wname]
+            if draw(st.booleans()):
+                ins.append(const(rng.normal(0, 1, out_c), "bias"))
+            nodes.append(helper.make_node(op, ins, [out], name=name, **attrs))
+            cur_c, cur_s = out_c, new_s
+        else:  # Gemm / MatMul on 2-D
+            n = draw(st.integers(1, 8))
+            trans_b = op == "Gemm" and draw(st.booleans())
+            w_shape = (n, cur_c) if trans_b else (cur_c, n)
+            share = w_shape in weights and draw(st.booleans())
+            wname = weights[w_shape] if share else const(rng.normal(0, 0.5, w_shape), "w")
+            weights.setdefault(w_shape, wname)
+            ins, attrs = [cur, wname], {}
+            if op == "Gemm":
+                attrs = {
+                    "transB": int(trans_b),
+                    "alpha": draw(st.sampled_from([1.0, 0.5, -2.0])),
+                    "beta": draw(st.sampled_from([1.0, 0.0, 3.0])),
+                }
+                c_shape = draw(st.sampled_from([None, [n], [1, n], [batch, n]]))
+                if c_shape is not None:
+                    ins.append(const(rng.normal(0, 1, c_shape), "C"))
+            nodes.append(helper.make_node(op, ins, [out], name=name, **attrs))
+            cur_c = n
+        cur = out
+        live.append((cur, cur_c, cur_s))
+        if draw(st.integers(0, 5)) == 0:
+            extra_outputs.append(cur)
+    if not bns:
+        stats = _stats(rng, cur_c, "plain")
+        names = [const(stats[k], f"bn{k}") for k in "gbmv"]
+        out = fresh("v")
+        nodes.append(
+            helper.make_node("BatchNormalization", [cur, *names], [out], name="bnlast")
+        )
+        cur = out
+    outs = [cur] + [o for o in extra_outputs if o != cur]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("X", elem, x_shape)],
+        [helper.make_tensor_value_info(o, elem, None) for o in outs],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True), dtype, seed
+
+
+def _oracle(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph evaluated in extended precision from the same (rounded) parameters: float64
+    torch for Conv/ConvTranspose graphs, numpy longdouble for the 2-D ones."""
+    import torch
+    import torch.nn.functional as F
+
+    wide = np.float64 if len(x.shape) == 4 else np.longdouble
+    env = {t.name: numpy_helper.to_array(t).astype(wide) for t in model.graph.initializer}
+    env["X"] = x.astype(wide)
+    for n in model.graph.node:
+        a = {at.name: helper.get_attribute_value(at) for at in n.attribute}
+        ins = [env[i] for i in n.input]
+        if n.op_type in ("Conv", "ConvTranspose"):
+            t_in = [torch.from_numpy(np.asarray(v, np.float64)) for v in ins]
+            bias = t_in[2] if len(t_in) > 2 else None
+            if n.op_type == "Conv":
+                pad = a.get("pads", [0] * 4)[0]
+                y = F.conv2d(
+                    t_in[0], t_in[1], bias, a["strides"], pad, a["dilations"], a["group"]
+                )
+            else:
+                y = F.conv_transpose2d(
+                    t_in[0], t_in[1], bias, a["strides"], 0, a["output_padding"], a["group"]
+                )
+            out = y.numpy()
+        elif n.op_type == "BatchNormalization":
+            xv, g, b, m, v = ins
+            shape = (1, -1) + (1,) * (xv.ndim - 2)
+            eps = wide(np.float32(a.get("epsilon", 1e-5)))
+            out = (xv - m.reshape(shape)) / np.sqrt(v.reshape(shape) + eps) * g.reshape(
+                shape
+            ) + b.reshape(shape)
+        elif n.op_type == "Gemm":
+            wt = ins[1].T if a.get("transB") else ins[1]
+            out = a.get("alpha", 1.0) * (ins[0] @ wt)
+            if len(ins) > 2:
+                out = out + a.get("beta", 1.0) * ins[2]
+        elif n.op_type == "MatMul":
+            out = ins[0] @ ins[1]
+        elif n.op_type == "Relu":
+            out = np.maximum(ins[0], 0)
+        else:
+            assert n.op_type == "Add"
+            out = ins[0] + ins[1]
+        env[n.output[0]] = out
+    return {o.name: np.asarray(env[o.name], np.float64) for o in model.graph.output}
+
+
+def _shift_scale(model: onnx.ModelProto) -> float:
+    """Largest |mean·s| of any BN: x·s + (b − mean·s) cancels terms of this size, so the
+    folded graph's rounding error scales with it, not with the output."""
+    inits = {
+        t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer
+    }
+    worst = 0.0
+    for n in model.graph.node:
+        if n.op_type == "BatchNormalization":
+            g, _, m, v = (inits[i] for i in n.input[1:])
+            eps = next((a.f for a in n.attribute if a.name == "epsilon"), 1e-5)
+            worst = max(worst, float(np.abs(m * g / np.sqrt(v + eps)).max()))
+    return worst
+
+
+@settings(max_examples=300, **SETTINGS)
+@given(chains())
+def test_random_chains_fold_exactly_or_say_why(case) -> None:
+    model, dtype, seed = case
+    result = fold_bn(model, verify=False)
+    by_name = {n.name: n for n in model.graph.node}
+    assert {e.node for e in result.ledger} == {
+        n for n, node in by_name.items() if node.op_type == "BatchNormalization"
+    }
+    onnx.checker.check_model(result.model, full_check=True)
+    folded_nodes = {n.name: n for n in result.model.graph.node}
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    after = {t.name: t.SerializeToString() for t in result.model.graph.initializer}
+    for entry in result.skipped:
+        assert entry.reason
+        # a kept BN is exactly as it was, reading the same (unchanged) parameters
+        node = folded_nodes[entry.node]
+        assert node.SerializeToString() == by_name[entry.node].SerializeToString()
+        for name in node.input[1:]:
+            assert after[name] == before[name], (entry, name)
+        if dtype != "float16":  # fp16 may refuse a fold that would overflow
+            assert "overflow" not in entry.reason
+    for name in set(before) & set(after):  # an initializer keeps its name only if ...
+        if before[name] != after[name]:  # ... it was rewritten for its sole reader
+            readers = [n for n in model.graph.node if name in n.input]
+            assert len(readers) == 1, name
+    outputs = [o for n in result.model.graph.node for o in n.output]
+    assert len(outputs) == len(set(outputs))
+    # Decided from the generated structure alone: a BN reading the sole output of a producer
+    # must fold (fp16 may still refuse an overflow).
+    producers = {o: n for n in model.graph.node for o in n.output}
+    readers = Counter(i for n in model.graph.node for i in n.input)
+    graph_outputs = {o.name for o in model.graph.output}
+    for entry in result.skipped:
+        x = by_name[entry.node].input[0]
+        producer = producers.get(x)
+        if (
+            producer is not None
+            and producer.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and readers[x] == 1
+            and x not in graph_outputs
+        ):
+            assert dtype == "float16" and ("overflow" in entry.reason), entry
+
+    rng = np.random.default_rng(seed)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    x = rng.normal(0, 1.5, shape).astype(_DTYPES[dtype][1])
+    expected = OrtRunner(model).infer({"X": x})
+    actual = OrtRunner(result.model).infer({"X": x})
+    oracle = _oracle(model, x)
+    ulp = float(np.finfo(_DTYPES[dtype][1]).eps)
+    for name, ref in expected.items():
+        got, ref64, exact = (
+            actual[name].astype(np.float64),
+            ref.astype(np.float64),
+            oracle[name],
+        )
+        assert np.array_equal(np.isfinite(got), np.isfinite(ref64)), name
+        fin = np.isfinite(ref64)
+        # Judged against the extended-precision oracle: folding re-rounds weights and turns
+        # (x − mean)·s into x·s + (b − mean·s), which cancels terms of size |mean·s|. The fold
+        # may add at most 2× the unfolded graph's own rounding error, plus 16 ulp of the
+        # larger of the output and |mean·s| (one re-association of that cancellation).
+        err_unfolded = float(np.abs(ref64[fin] - exact[fin]).max(initial=0.0))
+        err_folded = float(np.abs(got[fin] - exact[fin]).max(initial=0.0))
+        scale = max(1.0, float(np.abs(exact[fin]).max(initial=0.0)), _shift_scale(model))
+        assert err_folded <= 2.0 * err_unfolded + 16 * ulp * scale, (
+            name, dtype, err_folded, err_unfolded, scale,
+        )  # fmt: skip

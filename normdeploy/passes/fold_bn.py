@@ -62,6 +62,8 @@ _FLOAT_TYPES = frozenset(
      onnx.TensorProto.BFLOAT16)
 )  # fmt: skip
 _PURE_WEIGHT_OPS = ("Constant", "Identity", "Transpose")
+# 16-bit floats: refuse a fold whose shift |t| exceeds max/_SHIFT_HEADROOM (see check_fits)
+_SHIFT_HEADROOM = 64
 
 
 # ----------------------------------------------------------------------------- ledger
@@ -488,8 +490,13 @@ class _Plan:
     rewire: onnx.NodeProto | None = None  # preceding: this node's output becomes BN's output
     shift: np.ndarray | None = None  # MatMul without a bias Add: BN becomes Add(x, shift)
 
-    def check_fits(self) -> None:
-        """Refuse values the target dtype cannot hold (fp16 overflow) before any edit."""
+    def check_fits(self, t: np.ndarray) -> None:
+        """Refuse values the target dtype cannot hold (fp16 overflow) before any edit.
+
+        In a 16-bit float the folded producer computes ``s·P(x) + t``: when ``|t|`` (≈ |mean·s|)
+        nears the dtype's range its partial sums overflow, or cancel with the precision of
+        ``|t|`` where the BatchNorm subtracted the mean first.
+        """
         limit = _finfo_max(self.dtype)
         values = [v for _, _, v in self.updates]
         if self.shift is not None:
@@ -498,6 +505,11 @@ class _Plan:
             # max/min propagate NaN, so one comparison also refuses NaN and inf
             if value.size and not max(value.max(), -value.min()) <= limit:
                 raise _Skip(f"folded values overflow {self.dtype.name}")
+        if self.dtype.itemsize <= 2 and t.size and np.abs(t).max() > limit / _SHIFT_HEADROOM:
+            raise _Skip(
+                f"BN shift |t| up to {np.abs(t).max():.3g} exceeds {self.dtype.name} max/"
+                f"{_SHIFT_HEADROOM}: the folded graph could overflow or lose precision"
+            )
 
 
 class FoldBatchNorm(GraphPass):
@@ -577,7 +589,8 @@ class FoldBatchNorm(GraphPass):
         if any(p is None for p in params):
             raise _Skip("scale, bias, mean or var is not a constant")
         scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
-        eps = float(_attr(bn, "epsilon", 1e-5))
+        # The attribute is a float32; its default is float32(1e-5), not the double 1e-5.
+        eps = float(np.float32(_attr(bn, "epsilon", 1e-5)))
         if not (len(scale) == len(bias) == len(mean) == len(var)):
             raise _Skip("scale/bias/mean/var lengths differ")
         if not all(np.isfinite(a).all() for a in (scale, bias, mean, var)):
@@ -589,7 +602,7 @@ class FoldBatchNorm(GraphPass):
         for attempt in (self._plan_preceding, self._plan_following):
             try:
                 plan = attempt(index, bn, s, t)
-                plan.check_fits()
+                plan.check_fits(t)
             except _Skip as why:  # noqa: PERF203
                 reasons.append(str(why))
             else:
