@@ -80,6 +80,7 @@ class LedgerEntry:
     target: str = ""  # the node the BN was folded into
     target_op: str = ""
     reason: str = ""
+    invalid: bool = False  # the BN's own parameters are broken (NaN/inf, var + eps <= 0)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -90,6 +91,7 @@ class LedgerEntry:
             "target": self.target,
             "target_op": self.target_op,
             "reason": self.reason,
+            "invalid": self.invalid,
         }
 
 
@@ -478,6 +480,10 @@ class _Skip(Exception):
     """A fold that is not provably exact; the message is the ledger's reason."""
 
 
+class _Invalid(_Skip):
+    """The BN itself computes NaN/inf (broken statistics): kept, and the input is flagged."""
+
+
 @dataclass
 class _Plan:
     """New constant values for one fold, applied only after every check passed."""
@@ -561,7 +567,15 @@ class FoldBatchNorm(GraphPass):
             try:
                 plan = self._plan(index, bn)
             except _Skip as why:
-                self.ledger.append(LedgerEntry(label, graph_name, False, reason=str(why)))
+                self.ledger.append(
+                    LedgerEntry(
+                        label,
+                        graph_name,
+                        False,
+                        reason=str(why),
+                        invalid=isinstance(why, _Invalid),
+                    )
+                )
                 continue
             target = plan.target.name or plan.target.output[0]
             _apply(graph, index, names, edits, bn, plan)
@@ -594,9 +608,9 @@ class FoldBatchNorm(GraphPass):
         if not (len(scale) == len(bias) == len(mean) == len(var)):
             raise _Skip("scale/bias/mean/var lengths differ")
         if not all(np.isfinite(a).all() for a in (scale, bias, mean, var)):
-            raise _Skip("non-finite values in scale/bias/mean/var")
+            raise _Invalid("non-finite values in scale/bias/mean/var")
         if not (var + eps > 0).all():
-            raise _Skip("var + epsilon <= 0 (the BatchNorm computes NaN/inf)")
+            raise _Invalid("var + epsilon <= 0 (the BatchNorm computes NaN/inf)")
         s, t = bn_scale_shift(scale, bias, mean, var, eps)
         reasons = []
         for attempt in (self._plan_preceding, self._plan_following):
@@ -1089,6 +1103,12 @@ def fold_bn_file(
     fold = FoldBatchNorm()
     fold(loaded.model)
     timings["fold"] = time.perf_counter() - start
+    if broken := next((e for e in fold.ledger if e.invalid), None):
+        # The pass kept it (it never writes NaN weights); the file itself is what is broken.
+        raise InvalidModelError(
+            f"{source}: BatchNormalization '{broken.node}' has {broken.reason}; the input "
+            "model itself computes NaN/inf there: fix its statistics"
+        )
     comparisons: tuple[ArrayComparison, ...] | None = None
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
