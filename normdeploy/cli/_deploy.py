@@ -45,8 +45,8 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.pipeline import deploy, deploy_many
     from normdeploy.modelspec import parse_shape, reference_registry
+    from normdeploy.pipeline import deploy, deploy_many
     from normdeploy.progress import Progress
     from normdeploy.report import render
 
