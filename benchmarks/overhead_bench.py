@@ -93,8 +93,8 @@ def bench(repeats: int, model_names: Sequence[str] = MODELS) -> tuple[str, str]:
     out_dir = BUILD / "overhead"
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds = ["export-bare", "verify-parts"]
-    kinds += ["export-ours"] if available("export") else []
-    kinds += ["verify"] if available("verify") else []
+    kinds += ["export-ours"] if available("exporting") else []
+    kinds += ["verify"] if available("verification") else []
     export_rows, verify_rows = [], []
     for model in model_names:
         path = out_dir / f"{model}.onnx"
