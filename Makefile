@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) cli.py deploy --all-reference -o build/demo
+	$(PY) cli.py deploy --all-reference -o build/demo --force
 
 test: $(STAMP)
 	$(PY) -m pytest -q
