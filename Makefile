@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
+	mkdir -p build
 	$(PY) cli.py deploy --all-reference -o build/demo --force
 
 test: $(STAMP)
