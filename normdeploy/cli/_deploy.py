@@ -5,6 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from normdeploy.cli._options import (
+    add_input_shape,
+    add_output_options,
+    emit,
+    input_shapes,
+    parse_batch_sizes,
+)
 from normdeploy.errors import InvalidArgumentError
 
 
@@ -27,28 +34,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"))
     p.add_argument("--batch-sizes", default="1,3", help="batch sizes to verify (default 1,3)")
     p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
-    p.add_argument("--input-shape", action="append", metavar="SHAPE", help="e.g. 1x3x224x224")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    add_input_shape(p, "e.g. 1x3x224x224")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    add_output_options(p, report=False, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(s) for s in text.split(",") if s.strip())
-    except ValueError:
-        sizes = ()
-    if not sizes or any(s <= 0 for s in sizes):
-        raise InvalidArgumentError(f"--batch-sizes: '{text}' is not a list like 1,3")
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.modelspec import parse_shape, reference_registry
+    from normdeploy.modelspec import reference_registry
     from normdeploy.pipeline import deploy, deploy_many
     from normdeploy.progress import Progress
-    from normdeploy.report import render
 
     if bool(args.model) == bool(args.all_reference):
         raise InvalidArgumentError("deploy: give exactly one of MODEL or --all-reference")
@@ -56,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         "providers": args.providers,
         "opset": args.opset,
         "exporter": args.exporter,
-        "batch_sizes": _batch_sizes(args.batch_sizes),
+        "batch_sizes": parse_batch_sizes(args.batch_sizes),
         "overwrite": args.force,
         "progress": Progress(enabled=not args.quiet),
     }
@@ -68,12 +63,15 @@ def run(args: argparse.Namespace) -> int:
         result = deploy_many(reference_registry().names(), args.output, **options)
         failed = result.failed
     else:
-        shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
         result = deploy(
-            args.model, args.output, weights=args.weights, input_shapes=shapes, **options
+            args.model,
+            args.output,
+            weights=args.weights,
+            input_shapes=input_shapes(args),
+            **options,
         )
         failed = [] if result else [result.model_name]
-    sys.stdout.write(render(result, args.format))
+    emit(result, args)
     if failed:
         print(f"normdeploy deploy: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

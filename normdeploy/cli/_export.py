@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
+from normdeploy.cli._options import (
+    add_input_shape,
+    add_output_options,
+    check_report_path,
+    emit,
+    input_shapes,
+)
 from normdeploy.exporting import (
     DEFAULT_EXPORTER,
     DEFAULT_OPSET,
@@ -44,12 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     batch.add_argument(
         "--static", dest="dynamic_batch", action="store_false", help="fixed batch axis"
     )
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="SHAPE",
-        help="example input shape like 1x3x224x224 (repeat for several inputs)",
-    )
+    add_input_shape(p, "example input shape like 1x3x224x224 (repeat for several inputs)")
     p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
     simplify = p.add_mutually_exclusive_group()
     simplify.add_argument(
@@ -60,35 +61,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run onnxsim (default: only after the torchscript exporter)",
     )
     simplify.add_argument("--no-simplify", dest="simplify", action="store_false")
-    p.add_argument("--report", help="also write the report (.json, .md or text)")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.exporting import export_model
-    from normdeploy.io import check_output_path
-    from normdeploy.modelspec import parse_shape
-    from normdeploy.report import render, write_report
 
-    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
-    if args.report:
-        check_output_path(
-            args.report, inputs=(args.output,), overwrite=args.force, what="--report"
-        )
+    check_report_path(args, (args.output,))
     result = export_model(
         args.model,
         args.output,
         weights=args.weights,
-        input_shapes=shapes,
+        input_shapes=input_shapes(args),
         opset=args.opset,
         exporter=args.exporter,
         dynamic_batch=args.dynamic_batch,
         simplify=args.simplify,
         overwrite=args.force,
     )
-    sys.stdout.write(render(result, args.format))
-    if args.report:
-        write_report(result, args.report)
+    emit(result, args)
     return 0 if result.passed else 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from normdeploy.cli._options import add_output_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,10 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("input", metavar="IN.onnx", help="ONNX file to fold (never modified)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
-    p.add_argument("--report", help="also write the ledger (.json, .md or text)")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite existing outputs")
+    add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from normdeploy.cli._options import (
+    add_input_shape,
+    add_output_options,
+    check_report_path,
+    emit,
+    input_shapes,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,36 +29,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the PyTorch model it came from: reference name or package.module:factory",
     )
     p.add_argument("--weights", help="state_dict for --module (weights_only=True)")
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="SHAPE",
-        help="input shape for the confirmation run, e.g. 2x3x32x32",
-    )
-    p.add_argument("--report", help="also write the report (.json, .md or text)")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing report")
+    add_input_shape(p, "input shape for the confirmation run, e.g. 2x3x32x32")
+    add_output_options(p, force_help="overwrite an existing report")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.census import inspect
-    from normdeploy.io import check_output_path
-    from normdeploy.report import render, write_report
 
-    if args.report:
-        check_output_path(
-            args.report, inputs=(args.onnx,), overwrite=args.force, what="--report"
-        )
+    check_report_path(args, (args.onnx,))
     module = example_inputs = None
     if args.module:
-        from normdeploy.modelspec import parse_shape, resolve_model
+        from normdeploy.modelspec import resolve_model
 
-        shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
-        resolved = resolve_model(args.module, weights=args.weights, input_shapes=shapes)
+        resolved = resolve_model(
+            args.module, weights=args.weights, input_shapes=input_shapes(args)
+        )
         module, example_inputs = resolved.module, resolved.example_inputs
     census = inspect(args.onnx, module=module, example_inputs=example_inputs)
-    sys.stdout.write(render(census, args.format))
-    if args.report:
-        write_report(census, args.report)
+    emit(census, args)
     return 0 if census.passed else 1

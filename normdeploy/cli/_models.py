@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from normdeploy.reference_models import describe_reference_models
+from normdeploy.cli._options import add_output_options, emit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the reference models")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
+    add_output_options(p, report=False)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.report import render
+    from normdeploy.reference_models import describe_reference_models
 
-    sys.stdout.write(render(describe_reference_models(), args.format))
+    emit(describe_reference_models(), args)
     return 0

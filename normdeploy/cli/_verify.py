@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from normdeploy.errors import InvalidArgumentError
+from normdeploy.cli._options import (
+    add_input_shape,
+    add_output_options,
+    check_report_path,
+    emit,
+    input_shapes,
+    parse_batch_sizes,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -40,56 +46,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-bisect", dest="bisect", action="store_false", help="skip bisection")
     p.add_argument("--weights", help="state_dict for MODEL (torch.load weights_only=True)")
-    p.add_argument(
-        "--input-shape",
-        action="append",
-        metavar="SHAPE",
-        help="example input shape for MODEL, like 1x3x224x224 (repeat for several inputs)",
+    add_input_shape(
+        p, "example input shape for MODEL, like 1x3x224x224 (repeat for several inputs)"
     )
-    p.add_argument("--report", help="also write the report (.json, .md or text)")
-    p.add_argument("--format", choices=("text", "json", "markdown"), default="text")
-    p.add_argument("-f", "--force", action="store_true", help="overwrite an existing report")
+    add_output_options(p, force_help="overwrite an existing report")
     p.set_defaults(run=run)
 
 
-def _batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise InvalidArgumentError(
-            f"--batch-sizes: '{text}' is not a comma-separated list of integers"
-        ) from None
-    return sizes
-
-
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.io import check_output_path
-    from normdeploy.modelspec import parse_shape
-    from normdeploy.report import render, write_report
     from normdeploy.verification import verify
 
-    if args.report:
-        check_output_path(
-            args.report,
-            inputs=(args.candidate, args.reference),
-            overwrite=args.force,
-            what="--report",
-        )
-    shapes = [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+    check_report_path(args, (args.candidate, args.reference))
     result = verify(
         args.reference,
         args.candidate,
         providers=args.providers,
-        batch_sizes=_batch_sizes(args.batch_sizes),
+        batch_sizes=parse_batch_sizes(args.batch_sizes),
         seeds=args.seeds,
         inputs=args.inputs,
         atol=args.atol,
         rtol=args.rtol,
         bisect=args.bisect,
         weights=args.weights,
-        input_shapes=shapes,
+        input_shapes=input_shapes(args),
     )
-    sys.stdout.write(render(result, args.format))
-    if args.report:
-        write_report(result, args.report)
+    emit(result, args)
     return 0 if result.passed else 1
