@@ -124,7 +124,7 @@ def loadavg_1m() -> float:
 def ort_session(path: Path, optimize: bool) -> Any:
     import onnxruntime as ort
 
-    from normdeploy.runtime import session_options
+    from normdeploy.verification.runners import session_options
 
     return ort.InferenceSession(
         str(path), session_options(optimize, THREADS), providers=["CPUExecutionProvider"]

@@ -69,7 +69,7 @@ def export_ours(module: torch.nn.Module, x: torch.Tensor, out: Path) -> dict[str
 def verify_ours(module: torch.nn.Module, onnx_path: Path) -> float:
     import onnxruntime  # noqa: F401  (imports are not counted, as in verify_parts)
 
-    from normdeploy.verification import verify
+    from normdeploy.verification.verifier import verify
 
     batches = _batch_sizes(onnx_path)
     t0 = time.perf_counter()
@@ -90,7 +90,7 @@ def verify_parts(spec: models.ReferenceModel, module: torch.nn.Module, path: Pat
     """PyTorch forward (on an eval copy), ORT session creation and ORT runs, each timed."""
     import onnxruntime as ort
 
-    from normdeploy.runtime import session_options
+    from normdeploy.verification.runners import session_options
 
     inputs = [spec.inputs(b)[0] for b in _batch_sizes(path)]
     t0 = time.perf_counter()

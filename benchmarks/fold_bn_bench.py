@@ -107,7 +107,7 @@ class ToolResult:
 
 
 def _run_ort(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    from normdeploy.runtime import OrtRunner
+    from normdeploy.verification.runners import OrtRunner
 
     return next(iter(OrtRunner(str(path), threads=2).infer(feeds).values()))
 
@@ -125,7 +125,8 @@ def check_output(original: Path, produced: Path, expected: np.ndarray, feeds: di
 
 
 def bench_size(size_mb: float, repeats: int, include_ours: bool) -> list[ToolResult]:
-    from normdeploy.runtime import graph_input_specs, make_feeds
+    from normdeploy.onnx_graph import graph_input_specs
+    from normdeploy.verification.feeds import make_feeds
 
     src = graph_path(size_mb)
     out_dir = BUILD / "out"

@@ -6,24 +6,20 @@ Public API (imported lazily so that ONNX-only work does not import torch):
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from normdeploy._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
 _API = {
     "export": "normdeploy.exporting",
-    "inspect": "normdeploy.census",
-    "fold_bn": "normdeploy.passes.fold_bn",
+    "inspect": "normdeploy.census.inspection",
+    "fold_bn": "normdeploy.folding",
     "fold_bn_module": "normdeploy.torch_fold",
-    "verify": "normdeploy.verification",
+    "verify": "normdeploy.verification.verifier",
     "deploy": "normdeploy.pipeline",
 }
 
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _API:
-        return getattr(importlib.import_module(_API[name]), name)
-    raise AttributeError(f"module 'normdeploy' has no attribute '{name}'")
+__getattr__ = lazy_getattr(__name__, _API)

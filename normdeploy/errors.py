@@ -1,9 +1,13 @@
 """The exception hierarchy: user errors (bad input, one clear line, exit 2) vs. everything else.
 
 Anything that is not a :class:`NormdeployError` is an internal bug and keeps its traceback.
+Library messages name the function parameter at fault (``batch_sizes: …``, ``opset=21``); the
+CLI spells those as its flags (:func:`normdeploy.cli._options.cli_words`).
 """
 
 from __future__ import annotations
+
+import re
 
 
 class NormdeployError(Exception):
@@ -33,7 +37,7 @@ class WeightsError(UserError):
 
 
 class InvalidArgumentError(UserError):
-    """A command-line or API argument has an invalid value."""
+    """An API argument has an invalid value; the message starts with the parameter's name."""
 
 
 class InvalidModelError(UserError):
@@ -52,3 +56,21 @@ class VerificationFailed(NormdeployError):
     def __init__(self, message: str, result: object | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException, limit: int = 240, *, innermost: bool = False) -> str:
+    """The first line of an exception's message (ANSI codes removed), or its type name.
+
+    ``innermost`` follows ``__cause__`` to the root error: exporters wrap the real error in
+    several layers of boilerplate.
+    """
+    if innermost:
+        seen = {id(exc)}
+        while exc.__cause__ is not None and id(exc.__cause__) not in seen:
+            exc = exc.__cause__
+            seen.add(id(exc))
+    text = _ANSI.sub("", str(exc)).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

@@ -20,11 +20,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect as pyinspect
+import inspect
 import io
 import logging
 import os
-import re
 import sys
 import tempfile
 import time
@@ -32,25 +31,32 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from normdeploy import __version__
-from normdeploy.census import Census
-from normdeploy.census import inspect as census_inspect
-from normdeploy.compare import (
-    ArrayComparison,
-    compare_arrays,
-    compare_onnx_models,
-    default_tolerance,
-)
-from normdeploy.errors import ExportError, InvalidArgumentError
+from normdeploy import __version__, census
+from normdeploy.census.results import Census
+from normdeploy.errors import ExportError, InvalidArgumentError, first_line
 from normdeploy.io import PROTOBUF_LIMIT, check_output_path, save_onnx
-from normdeploy.modes import TrainModeReport, eval_outputs, flatten_tensors, training_report
+from normdeploy.modes import TrainModeReport, training_report
+from normdeploy.onnx_graph import default_opset, graph_input_specs
 from normdeploy.report import fmt_num, markdown_table, text_table
-from normdeploy.runtime import CPU, OrtRunner, graph_input_specs, make_feeds
+from normdeploy.verification.compare import (
+    DEFAULT_POLICY,
+    REFERENCE,
+    Check,
+    compare_graphs,
+    compare_outputs,
+    failed_check,
+)
+from normdeploy.verification.feeds import make_feeds
+from normdeploy.verification.results import worst
+from normdeploy.verification.runners import CPU, OrtRunner, module_outputs
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -73,23 +79,35 @@ _TRACE_BATCH = 2  # torch.export specializes a size-1 dim to a constant: trace a
 
 @dataclass(frozen=True)
 class BatchCheck:
-    """onnxruntime against PyTorch eval at one batch size, per output."""
+    """The export check's records at one batch size (a view over :class:`Check` records)."""
 
     batch_size: int
-    comparisons: tuple[ArrayComparison, ...] = ()
-    error: str = ""
+    checks: tuple[Check, ...] = ()
 
     @property
     def passed(self) -> bool:
-        return not self.error and bool(self.comparisons) and all(self.comparisons)
+        return bool(self.checks) and all(self.checks)
+
+    @property
+    def error(self) -> str:
+        """Why a run failed (no statistics), or ''."""
+        return next(
+            (c.comparison.detail for c in self.checks if c.comparison.max_abs is None), ""
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
             "passed": self.passed,
             "error": self.error,
-            "comparisons": [c.to_dict() for c in self.comparisons],
+            "comparisons": [
+                c.comparison.to_dict() for c in self.checks if not self._failed(c)
+            ],
         }
+
+    @staticmethod
+    def _failed(check: Check) -> bool:
+        return check.comparison.max_abs is None and check.comparison.name == "-"
 
 
 @dataclass(frozen=True)
@@ -165,22 +183,25 @@ class ExportResult:
 
     def _check_rows(self) -> list[list[str]]:
         rows = []
-        for check in self.batch_checks:
-            if check.error:
-                rows.append(
-                    [str(check.batch_size), "-", "-", "-", "-", f"FAIL: {check.error}"]
-                )
-            rows.extend(
-                [
-                    str(check.batch_size),
-                    c.name,
-                    fmt_num(c.max_abs),
-                    fmt_num(c.max_rel),
-                    f"atol={c.atol:g} rtol={c.rtol:g}",
-                    "ok" if c.passed else "FAIL",
-                ]
-                for c in check.comparisons
-            )
+        for group in self.batch_checks:
+            for c in group.checks:
+                comp = c.comparison
+                if comp.max_abs is None:
+                    rows.append(
+                        [
+                            str(group.batch_size),
+                            comp.name,
+                            "-",
+                            "-",
+                            "-",
+                            f"FAIL: {comp.detail}",
+                        ]
+                    )
+                    continue
+                rows.append([
+                    str(group.batch_size), comp.name, fmt_num(comp.max_abs), fmt_num(comp.max_rel),
+                    f"atol={comp.atol:g} rtol={comp.rtol:g}", "ok" if comp.passed else "FAIL",
+                ])  # fmt: skip
         return rows
 
     _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
@@ -251,11 +272,11 @@ def exporter_quiet(verbose: bool = False) -> Iterator[None]:
                 logger.debug("exporter output:\n%s", chatter[-4000:])
 
 
-def _input_names(module: Any, count: int) -> list[str]:
+def _input_names(module: torch.nn.Module, count: int) -> list[str]:
     try:
         params = [
             p.name
-            for p in pyinspect.signature(module.forward).parameters.values()
+            for p in inspect.signature(module.forward).parameters.values()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
     except (TypeError, ValueError):
@@ -279,17 +300,6 @@ def _trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> tuple[A
     )
 
 
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of the innermost cause (exporters wrap the real error in boilerplate)."""
-    while exc.__cause__ is not None and exc.__cause__ is not exc:
-        exc = exc.__cause__
-    text = _ANSI.sub("", str(exc)).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 def _shapes(args: Sequence[Any]) -> str:
     return ", ".join(
         "x".join(map(str, a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args
@@ -297,7 +307,7 @@ def _shapes(args: Sequence[Any]) -> str:
 
 
 def _export_dynamo(
-    module: Any, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
     import torch
 
@@ -331,18 +341,18 @@ def _export_dynamo(
     except Exception as exc:
         raise ExportError(
             f"dynamo exporter: converting opset {DYNAMO_NATIVE_OPSET} to {opset} failed: "
-            f"{_first_line(exc)}; use --opset {DYNAMO_NATIVE_OPSET} or higher"
+            f"{first_line(exc, 300, innermost=True)}; use opset={DYNAMO_NATIVE_OPSET} or higher"
         ) from None
     restore_node_metadata(model, converted)
     return converted
 
 
 def _export_torchscript(
-    module: Any, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
 ) -> onnx.ModelProto:
     import torch
 
-    n_out = len(flatten_tensors(_run_no_grad(module, args)))
+    n_out = len(module_outputs(module, args))
     input_names = _input_names(module, len(args))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
     dynamic_axes = None
@@ -352,7 +362,7 @@ def _export_torchscript(
     torch.onnx.export(
         module,
         args,
-        buffer,
+        buffer,  # type: ignore[arg-type]  # a file-like object is documented and works
         dynamo=False,
         opset_version=opset,
         input_names=input_names,
@@ -362,19 +372,6 @@ def _export_torchscript(
         training=torch.onnx.TrainingMode.EVAL,
     )
     return onnx.load_from_string(buffer.getvalue())
-
-
-def _run_no_grad(module: Any, args: Sequence[Any]) -> Any:
-    import torch
-
-    with torch.no_grad():
-        return module(*args)
-
-
-def _default_opset_of(model: onnx.ModelProto) -> int | None:
-    return next(
-        (int(i.version) for i in model.opset_import if i.domain in ("", "ai.onnx")), None
-    )
 
 
 def _static_batch_inputs(model: onnx.ModelProto) -> list[str]:
@@ -418,84 +415,143 @@ def _simplify(
 
         simplified, ok = onnxsim.simplify(model)
     except Exception as exc:
-        return model, SimplifyOutcome(
-            True, False, before, None, f"onnxsim failed: {_first_line(exc)}"
-        )
+        note = f"onnxsim failed: {first_line(exc, 300, innermost=True)}"
+        return model, SimplifyOutcome(True, False, before, None, note)
     if not ok:
         return model, SimplifyOutcome(True, False, before, None, "onnxsim's own check failed")
     restore_node_metadata(model, simplified)
+    after = len(simplified.graph.node)
     try:
-        diffs = compare_onnx_models(model, simplified, batch_sizes=batch_sizes)
+        diffs = compare_graphs(model, simplified, batch_sizes=batch_sizes)
     except Exception as exc:
-        return model, SimplifyOutcome(
-            True,
-            False,
-            before,
-            len(simplified.graph.node),
-            f"simplified graph fails to run: {_first_line(exc)}",
-        )
-    if not all(diffs):
-        worst = max(diffs, key=lambda c: c.needed_atol)
-        return model, SimplifyOutcome(
-            True, False, before, len(simplified.graph.node),
-            f"onnxsim changed numerics ({worst.name}: max abs {fmt_num(worst.max_abs)})",
-        )  # fmt: skip
-    return simplified, SimplifyOutcome(True, True, before, len(simplified.graph.node))
+        note = f"simplified graph fails to run: {first_line(exc, 300, innermost=True)}"
+        return model, SimplifyOutcome(True, False, before, after, note)
+    culprit = worst([c for c in diffs if not c.passed])
+    if culprit is not None:
+        comp = culprit.comparison
+        note = f"onnxsim changed numerics ({comp.name}: max abs {fmt_num(comp.max_abs)})"
+        return model, SimplifyOutcome(True, False, before, after, note)
+    return simplified, SimplifyOutcome(True, True, before, after)
 
 
 def _batch_checks(
-    model: onnx.ModelProto, eval_module: Any, batch_sizes: tuple[int, ...], seed: int
+    model: onnx.ModelProto,
+    eval_module: torch.nn.Module,
+    batch_sizes: tuple[int, ...],
+    seed: int,
 ) -> tuple[BatchCheck, ...]:
-    """ORT vs PyTorch eval on seeded stress inputs at each batch size."""
+    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size."""
     import torch
 
     specs = graph_input_specs(model)
     runner = OrtRunner(model, CPU)
-    checks = []
+    groups = []
     for batch in batch_sizes:
         feeds = make_feeds(specs, batch, seed)
+        label = f"b{batch}/seed{seed}"
         try:
-            actual = list(runner.infer(feeds).values())
+            actual = runner.infer(feeds)
         except Exception as exc:
-            checks.append(BatchCheck(batch, (), f"onnxruntime failed: {_first_line(exc)}"))
+            failed = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
+            groups.append(BatchCheck(batch, (failed,)))
             continue
         args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         try:
-            expected = eval_outputs(eval_module, args)
+            torch_outputs = module_outputs(eval_module, args)
         except Exception as exc:
-            checks.append(BatchCheck(batch, (), f"PyTorch eval failed: {_first_line(exc)}"))
+            failed = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
+            groups.append(BatchCheck(batch, (failed,)))
             continue
-        if len(expected) != len(actual):
-            checks.append(BatchCheck(
-                batch, (), f"{len(actual)} ONNX outputs vs {len(expected)} PyTorch outputs"
-            ))  # fmt: skip
+        if len(torch_outputs) != len(actual):
+            failed = failed_check(
+                REFERENCE, CPU, label, "output matching",
+                f"{len(actual)} ONNX outputs vs {len(torch_outputs)} PyTorch outputs", batch,
+            )  # fmt: skip
+            groups.append(BatchCheck(batch, (failed,)))
             continue
-        names = runner.output_names
-        checks.append(BatchCheck(batch, tuple(
-            compare_arrays(f"{name}@b{batch}", e, a, default_tolerance(e.dtype))
-            for name, e, a in zip(names, expected, actual, strict=True)
-        )))  # fmt: skip
-    return tuple(checks)
+        expected = dict(zip(actual, torch_outputs, strict=True))
+        checks = compare_outputs(
+            expected, actual, kind=REFERENCE, provider=CPU, inputs=label,
+            policy=DEFAULT_POLICY, batch_size=batch, suffix=f"@b{batch}",
+        )  # fmt: skip
+        groups.append(BatchCheck(batch, tuple(checks)))
+    return tuple(groups)
 
 
 def _validate(exporter: str, opset: int) -> None:
     if exporter not in EXPORTERS:
         raise InvalidArgumentError(
-            f"--exporter: '{exporter}' is not one of {', '.join(EXPORTERS)}"
+            f"exporter: '{exporter}' is not one of {', '.join(EXPORTERS)}"
         )
     max_opset = onnx.defs.onnx_opset_version()
-    if not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset:
+    if (
+        not isinstance(opset, int)
+        or isinstance(opset, bool)
+        or not MIN_OPSET <= opset <= max_opset
+    ):
         raise InvalidArgumentError(
-            f"--opset: {opset} is outside {MIN_OPSET}..{max_opset} "
+            f"opset: {opset} is outside {MIN_OPSET}..{max_opset} "
             f"(tested: {', '.join(map(str, OFFERED_OPSETS))})"
         )
 
 
-# --------------------------------------------------------------------------------- export
+def _example_args(example_inputs: Sequence[Any] | Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+def _run_in_eval(module: torch.nn.Module, args: tuple[Any, ...], name: str) -> torch.nn.Module:
+    """An eval-mode copy that has run once on ``args``: a model that fails there is bad input."""
+    eval_module = copy.deepcopy(module).eval()
+    try:
+        module_outputs(eval_module, args)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "
+            f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+        ) from None
+    return eval_module
+
+
+def _run_exporter(
+    exporter: str,
+    eval_module: torch.nn.Module,
+    trace_args: tuple[Any, ...],
+    opset: int,
+    dynamic_batch: bool,
+    name: str,
+) -> onnx.ModelProto:
+    """The exporter's graph, checked for the requested opset and a symbolic batch."""
+    export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
+    try:
+        with exporter_quiet(logger.isEnabledFor(logging.INFO)):
+            model = export_fn(eval_module, trace_args, opset, dynamic_batch)
+    except ExportError:
+        raise
+    except Exception as exc:
+        hint = " (try dynamic_batch=False)" if dynamic_batch else ""
+        raise ExportError(
+            f"{exporter} exporter failed on {name} at opset {opset}{hint}: "
+            f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+        ) from None
+    got_opset = default_opset(model)
+    if got_opset != opset:
+        raise ExportError(
+            f"{exporter} exporter wrote opset {got_opset} for {name}, not the requested {opset} "
+            "(its version conversion failed); use opset=18 or higher, or "
+            "exporter='torchscript'"
+        )
+    if dynamic_batch and (fixed := _static_batch_inputs(model)):
+        raise ExportError(
+            f"{exporter} exporter specialized the batch dimension of {name} "
+            f"(inputs {', '.join(fixed)}); export with dynamic_batch=False or another exporter"
+        )
+    return model
 
 
 def export(
-    module: Any,
+    module: torch.nn.Module,
     example_inputs: Sequence[Any] | Any,
     path: str | os.PathLike[str],
     *,
@@ -523,55 +579,20 @@ def export(
         raise InvalidArgumentError(
             f"module: expected a torch.nn.Module, got {type(module).__name__}"
         )
-    args = (
-        tuple(example_inputs)
-        if isinstance(example_inputs, (tuple, list))
-        else (example_inputs,)
-    )
+    args = _example_args(example_inputs)
     name = model_name or type(module).__name__
-    verbose = logger.isEnabledFor(logging.INFO)
     timings: dict[str, float] = {}
     notes: list[str] = []
 
-    try:
-        eval_outputs(copy.deepcopy(module).eval(), args)
-    except Exception as exc:
-        raise InvalidArgumentError(
-            f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+    eval_module = _run_in_eval(module, args, name)
     train = training_report(module, args)
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
-    eval_module = copy.deepcopy(module).eval()
     trace_args = _trace_inputs(args, dynamic_batch)
 
     start = time.perf_counter()
-    export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
-    try:
-        with exporter_quiet(verbose):
-            model = export_fn(eval_module, trace_args, opset, dynamic_batch)
-    except ExportError:
-        raise
-    except Exception as exc:
-        hint = " (try --static)" if dynamic_batch else ""
-        raise ExportError(
-            f"{exporter} exporter failed on {name} at opset {opset}{hint}: "
-            f"{type(exc).__name__}: {_first_line(exc)}"
-        ) from None
+    model = _run_exporter(exporter, eval_module, trace_args, opset, dynamic_batch, name)
     timings["export"] = time.perf_counter() - start
-
-    got_opset = _default_opset_of(model)
-    if got_opset != opset:
-        raise ExportError(
-            f"{exporter} exporter wrote opset {got_opset} for {name}, not the requested {opset} "
-            "(its version conversion failed); use --opset 18 or higher, or --exporter torchscript"
-        )
-    if dynamic_batch and (fixed := _static_batch_inputs(model)):
-        raise ExportError(
-            f"{exporter} exporter specialized the batch dimension of {name} "
-            f"(inputs {', '.join(fixed)}); export with --static or another exporter"
-        )
     _set_metadata(model, {
         "source_model": source or name,
         "model_name": name,
@@ -581,14 +602,13 @@ def export(
         "version": __version__,
     })  # fmt: skip
 
-    specs = graph_input_specs(model)
-    batch_sizes = CHECK_BATCH_SIZES
+    batch_sizes: tuple[int, ...] = CHECK_BATCH_SIZES
     if not dynamic_batch:
+        specs = graph_input_specs(model)
         first = specs[0].shape[0] if specs and specs[0].shape else None
         batch_sizes = (first if isinstance(first, int) else 1,)
-    do_simplify = (exporter == "torchscript") if simplify is None else simplify
     simplified = SimplifyOutcome(False)
-    if do_simplify:
+    if (exporter == "torchscript") if simplify is None else simplify:
         start = time.perf_counter()
         model, simplified = _simplify(model, batch_sizes)
         timings["simplify"] = time.perf_counter() - start
@@ -600,8 +620,8 @@ def export(
     timings["check"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    census = census_inspect(model, module=eval_module, example_inputs=trace_args, seed=seed)
-    census = dataclasses.replace(census, source=str(out))
+    taken = census.inspect(model, module=eval_module, example_inputs=trace_args, seed=seed)
+    taken = dataclasses.replace(taken, source=str(out))
     timings["census"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -617,7 +637,7 @@ def export(
         dynamic_batch=dynamic_batch,
         train_mode=train,
         batch_checks=checks,
-        census=census,
+        census=taken,
         simplify=simplified,
         external_data=external,
         timings=timings,

@@ -13,10 +13,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
 from normdeploy.io import check_input_file
+
+if TYPE_CHECKING:
+    import torch
 
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
@@ -26,7 +29,7 @@ class ResolvedModel:
     """A module ready to export or verify, with where it came from."""
 
     name: str
-    module: Any  # torch.nn.Module
+    module: torch.nn.Module
     example_inputs: tuple[Any, ...]
     source: str
 
@@ -38,10 +41,10 @@ def parse_shape(text: str) -> tuple[int, ...]:
         dims = tuple(int(p) for p in parts)
     except ValueError:
         raise InvalidArgumentError(
-            f"--input-shape: '{text}' is not a shape like 1x3x224x224"
+            f"input_shapes: '{text}' is not a shape like 1x3x224x224"
         ) from None
     if not dims or any(d <= 0 for d in dims):
-        raise InvalidArgumentError(f"--input-shape: '{text}' must have positive dims")
+        raise InvalidArgumentError(f"input_shapes: '{text}' must have positive dims")
     return dims
 
 
@@ -91,7 +94,7 @@ def _call_factory(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
     return made, None
 
 
-def load_weights(module: Any, weights: str | os.PathLike[str]) -> None:
+def load_weights(module: torch.nn.Module, weights: str | os.PathLike[str]) -> None:
     """Load a state_dict safely (``weights_only=True``) into ``module``, strictly."""
     import pickle
 
@@ -170,6 +173,6 @@ def resolve_model(
         inputs = tuple(torch.randn(tuple(s), generator=g) for s in input_shapes)
     if inputs is None:
         raise ModelSpecError(
-            f"MODEL '{spec}': factory gave no example inputs; pass --input-shape (e.g. 1x3x224x224)"
+            f"MODEL '{spec}': factory gave no example inputs; give input_shapes=1x3x224x224 (the shape of each input)"
         )
     return ResolvedModel(name=name, module=module, example_inputs=tuple(inputs), source=source)

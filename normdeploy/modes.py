@@ -10,11 +10,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from normdeploy.errors import first_line
 from normdeploy.report import fmt_num
+from normdeploy.verification.runners import module_outputs
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -49,27 +54,7 @@ class TrainModeReport:
         }
 
 
-def flatten_tensors(value: Any) -> list[Any]:
-    """Tensors of a (nested) output, in order."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flatten_tensors(v)]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in flatten_tensors(v)]
-    return []
-
-
-def eval_outputs(module: Any, args: Sequence[Any]) -> list[np.ndarray]:
-    import torch
-
-    with torch.no_grad():
-        return [t.detach().cpu().numpy() for t in flatten_tensors(module(*args))]
-
-
-def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeReport:
+def training_report(module: torch.nn.Module, example_inputs: Sequence[Any]) -> TrainModeReport:
     """Which submodules are training, and max|train - eval| on copies (the caller is untouched)."""
     import torch
 
@@ -81,8 +66,8 @@ def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeRepo
         eval_copy = copy.deepcopy(module).eval()
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            train_out = eval_outputs(train_copy, example_inputs)
-        eval_out = eval_outputs(eval_copy, example_inputs)
+            train_out = module_outputs(train_copy, example_inputs)
+        eval_out = module_outputs(eval_copy, example_inputs)
         diffs = [
             float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
             for a, b in zip(train_out, eval_out, strict=True)
@@ -90,5 +75,5 @@ def training_report(module: Any, example_inputs: Sequence[Any]) -> TrainModeRepo
         ]
         return TrainModeReport(True, training, max(diffs) if diffs else None)
     except Exception as exc:  # e.g. BatchNorm1d refuses batch 1 in train mode
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return TrainModeReport(True, training, None, f"train-mode forward failed: {first}")
+        detail = f"train-mode forward failed: {first_line(exc)}"
+        return TrainModeReport(True, training, None, detail)

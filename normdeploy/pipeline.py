@@ -15,12 +15,20 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from normdeploy.errors import NormdeployError, OutputPathError
 from normdeploy.io import check_output_path, save_onnx, write_text_atomic
 from normdeploy.progress import Progress
 from normdeploy.report import fmt_num, markdown_table, render, text_table
+from normdeploy.verification.runners import provider_alias
+
+if TYPE_CHECKING:
+    import torch
+
+    from normdeploy.exporting import ExportResult
+    from normdeploy.folding import FoldResult
+    from normdeploy.verification.results import VerifyResult
 
 STAGES = ("export", "fold-bn", "verify")
 MODEL_FILE, JSON_FILE, MD_FILE = "model.onnx", "report.json", "report.md"
@@ -32,9 +40,9 @@ class DeployResult:
 
     model_name: str
     out_dir: Path
-    export: Any = None  # ExportResult
-    fold: Any = None  # FoldResult
-    verification: Any = None  # VerifyResult
+    export: ExportResult | None = None
+    fold: FoldResult | None = None
+    verification: VerifyResult | None = None
     timings: dict[str, float] = field(default_factory=dict)
     failed_stage: str | None = None
     error: str | None = None
@@ -141,7 +149,7 @@ class DeployResult:
             self.model_name,
             norms or "-",
             f"{bn['exporter']}/{bn['fold-bn']}/{bn['kept']}",
-            ",".join(_short(p) for p in self.providers()) or "-",
+            ",".join(provider_alias(p) for p in self.providers()) or "-",
             fmt_num(self.worst_error()),
             "PASS" if self.passed else f"FAIL ({self.failed_stage or 'verify'})",
             timing,
@@ -257,10 +265,6 @@ class DeploySummary:
         return "\n".join(out)
 
 
-def _short(provider: str) -> str:
-    return provider.replace("ExecutionProvider", "").lower()
-
-
 def _demote(markdown: str) -> str:
     """Nest a part's Markdown one heading level deeper inside the model report."""
     return "\n".join(
@@ -268,16 +272,19 @@ def _demote(markdown: str) -> str:
     )
 
 
-def _run_fold(exported: Path) -> Any:
-    from normdeploy.passes.fold_bn import fold_bn
+def _run_fold(exported: Path) -> FoldResult:
+    from normdeploy.folding import fold_bn
 
     return fold_bn(exported, verify=True)
 
 
 def _run_verify(
-    module: Any, model_path: Path, providers: Any, batch_sizes: Sequence[int]
-) -> Any:
-    from normdeploy.verification import verify
+    module: torch.nn.Module,
+    model_path: Path,
+    providers: Sequence[str],
+    batch_sizes: Sequence[int],
+) -> VerifyResult:
+    from normdeploy.verification.verifier import verify
 
     return verify(module, model_path, providers=providers, batch_sizes=tuple(batch_sizes))
 
@@ -302,7 +309,8 @@ def deploy(
     """
     from normdeploy.exporting import export
     from normdeploy.modelspec import resolve_model
-    from normdeploy.runtime import resolve_providers
+    from normdeploy.verification.feeds import validate_batch_sizes
+    from normdeploy.verification.runners import resolve_providers
 
     progress = progress or Progress(enabled=False)
     out = Path(out_dir)
@@ -310,7 +318,8 @@ def deploy(
         raise OutputPathError(f"{out}: output directory is a file")
     if not out.parent.exists():
         raise OutputPathError(f"{out}: parent directory '{out.parent}' does not exist")
-    choice = resolve_providers(providers)  # a bad --providers fails before any work
+    batch_sizes = validate_batch_sizes(batch_sizes)  # bad arguments fail before any work
+    choice = resolve_providers(providers)
     for note in choice.notes:
         progress.note(note)
     out.mkdir(exist_ok=True)

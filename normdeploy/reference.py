@@ -14,9 +14,12 @@ norm; layer norm normalizes the trailing ``len(normalized_shape)`` dimensions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 Array = np.ndarray
 
@@ -134,7 +137,7 @@ def instance_norm(
 NORM_KINDS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm")
 
 
-def norm_kind(module: Any) -> str | None:
+def norm_kind(module: object) -> str | None:
     """'BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm' for torch norm modules, else None."""
     name = type(module).__name__
     for base in type(module).__mro__:
@@ -150,43 +153,39 @@ def norm_kind(module: Any) -> str | None:
     return None if name not in NORM_KINDS else name
 
 
-def _param(module: Any, name: str) -> Array | None:
+def _param(module: torch.nn.Module, name: str) -> Array | None:
     t = getattr(module, name, None)
     return None if t is None else t.detach().cpu().double().numpy()
 
 
-def module_oracle(module: Any, x: Array) -> Array:
+def module_oracle(module: torch.nn.Module, x: Array) -> Array:
     """Eval-mode output of a torch norm module, computed by the formulas above in float64."""
+    from torch import nn
+
     kind = norm_kind(module)
     w, b = _param(module, "weight"), _param(module, "bias")
     if kind == "BatchNorm":
-        if getattr(module, "track_running_stats", True) and module.running_mean is not None:
-            rm, rv = _param(module, "running_mean"), _param(module, "running_var")
+        bn = cast(nn.modules.batchnorm._BatchNorm, module)
+        if bn.track_running_stats and bn.running_mean is not None:
+            rm, rv = _param(bn, "running_mean"), _param(bn, "running_var")
             assert rm is not None and rv is not None
-            return batch_norm_inference(x, rm, rv, w, b, module.eps)
-        return batch_norm_training(x, w, b, module.eps)[0]
+            return batch_norm_inference(x, rm, rv, w, b, bn.eps)
+        return batch_norm_training(x, w, b, bn.eps)[0]
     if kind == "LayerNorm":
-        return layer_norm(x, tuple(module.normalized_shape), w, b, module.eps)
+        ln = cast(nn.LayerNorm, module)
+        return layer_norm(x, tuple(ln.normalized_shape), w, b, ln.eps)
     if kind == "GroupNorm":
-        return group_norm(x, module.num_groups, w, b, module.eps)
+        gn = cast(nn.GroupNorm, module)
+        return group_norm(x, gn.num_groups, w, b, gn.eps)
     if kind == "InstanceNorm":
+        inorm = cast(nn.modules.instancenorm._InstanceNorm, module)
         x = np.asarray(x, np.float64)
-        unbatched = (
-            x.ndim == module._get_no_batch_dim()
-            if hasattr(module, "_get_no_batch_dim")
-            else False
-        )
+        unbatched = x.ndim == inorm._get_no_batch_dim()
         xb = x[None] if unbatched else x
-        if module.track_running_stats and module.running_mean is not None:
-            y = instance_norm(
-                xb,
-                w,
-                b,
-                module.eps,
-                _param(module, "running_mean"),
-                _param(module, "running_var"),
-            )
+        if inorm.track_running_stats and inorm.running_mean is not None:
+            rm, rv = _param(inorm, "running_mean"), _param(inorm, "running_var")
+            y = instance_norm(xb, w, b, inorm.eps, rm, rv)
         else:
-            y = instance_norm(xb, w, b, module.eps)
+            y = instance_norm(xb, w, b, inorm.eps)
         return y[0] if unbatched else y
     raise TypeError(f"no numpy oracle for {type(module).__name__}")

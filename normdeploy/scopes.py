@@ -13,7 +13,6 @@ import ast
 import onnx
 
 NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-CLASS_HIERARCHY_KEY = "pkg.torch.onnx.class_hierarchy"
 REWRITE_RULE_KEY = "pkg.onnxscript.rewriter.rule_name"
 
 
@@ -46,12 +45,6 @@ def node_module_path(node: onnx.NodeProto) -> str | None:
         ]
         return ".".join(attrs)
     return None
-
-
-def node_module_class(node: onnx.NodeProto) -> str | None:
-    """Qualified class of the innermost module (dynamo exporter only)."""
-    hierarchy = _literal_list(node_metadata(node).get(CLASS_HIERARCHY_KEY, ""))
-    return hierarchy[-2] if len(hierarchy) >= 2 else None
 
 
 def rewrite_rules(node: onnx.NodeProto) -> list[str]:

@@ -1,15 +1,11 @@
 """Fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear module that feeds it, with torch.fx.
 
-For a BatchNorm with running statistics μ, σ², affine γ, β (1 and 0 when ``affine=False``) and eps ε
-that reads only the output of a producer with weight W and bias b (0 when absent)::
-
-    s  = γ / √(σ² + ε)          (per output channel)
-    W' = W · s                  (along the producer's output-channel axis)
-    b' = (b − μ) · s + β
-
-The output-channel axis is 0 for Conv and Linear weights (C_out, C_in/groups, k…) and axis 1 *within
-each group* for ConvTranspose weights (C_in, C_out/groups, k…). The arithmetic runs in float64 and is
-cast once to the parameter dtype.
+A BatchNorm that reads only the output of a producer (weight W, bias b, 0 when absent) folds into
+it as ``W' = W·s`` along the producer's output channels and ``b' = b·s + t``, with
+``(s, t)`` from the running statistics and affine parameters (1 and 0 when ``affine=False``).
+The formula and the weight layouts (Linear as Conv's axis 0, ConvTranspose's axis 1 within each
+group) are :mod:`normdeploy.passes.fold_math`'s, shared with the ONNX pass; the arithmetic runs
+in float64 and is cast once to the parameter dtype.
 
 The pass works on a deep copy (the caller's module, its mode and its statistics are left alone):
 torch.fx traces the copy to find producer → BatchNorm pairs anywhere in the forward code, each pair is
@@ -27,13 +23,17 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard, cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import is_lazy
 
 from normdeploy.errors import InvalidArgumentError
+from normdeploy.passes.fold_math import bn_scale_shift, fold_into_producer, output_channels
 from normdeploy.report import markdown_table, text_table
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,10 @@ _PRODUCERS: dict[type[nn.Module], _ProducerLayout] = {
     nn.ConvTranspose2d: _ProducerLayout(2, transposed=True),
     nn.ConvTranspose3d: _ProducerLayout(3, transposed=True),
 }
+_Producer = nn.Linear | nn.modules.conv._ConvNd
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # BatchNorm2d/3d reject any other input rank, so their rank is known without running the model.
-_FIXED_RANK = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
+_FIXED_RANK: dict[type[nn.Module], int] = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
 
 
@@ -88,8 +89,10 @@ def fold_bn_into_weights(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(W', b') of the producer with the BatchNorm folded in; pure, float64 inside.
 
-    ``transposed`` selects the ConvTranspose layout (C_in, C_out/groups, k…); ``groups`` matters
-    only there. Results have ``weight``'s device and dtype (``bias``'s dtype for b' if given).
+    The arithmetic and the weight layouts are :mod:`normdeploy.passes.fold_math`'s, the same the
+    ONNX pass uses. ``transposed`` selects the ConvTranspose layout (C_in, C_out/groups, k…);
+    ``groups`` matters only there. Results have ``weight``'s device and dtype (``bias``'s dtype
+    for b' if given).
     """
     c_out = running_mean.numel()
     if running_var.numel() != c_out:
@@ -97,40 +100,33 @@ def fold_bn_into_weights(
             f"running_var has {running_var.numel()} elements, running_mean has {c_out}"
         )
 
-    def f64(t: torch.Tensor | None, default: float) -> torch.Tensor:
+    def f64(t: torch.Tensor | None, default: float) -> np.ndarray:
         if t is None:
-            return torch.full((c_out,), default, dtype=torch.float64)
+            return np.full(c_out, default, np.float64)
         if t.numel() != c_out:
             raise InvalidArgumentError(
                 f"BatchNorm parameter has {t.numel()} elements, not {c_out}"
             )
-        return t.detach().to("cpu", torch.float64).reshape(c_out)
+        return t.detach().to("cpu", torch.float64).reshape(c_out).numpy()
 
-    scale = f64(gamma, 1.0) / torch.sqrt(f64(running_var, 0.0) + float(eps))
-    new_bias = (f64(bias, 0.0) - f64(running_mean, 0.0)) * scale + f64(beta, 0.0)
-
-    w = weight.detach().to("cpu", torch.float64)
-    kernel_ones = [1] * (w.dim() - 2)
-    if transposed:
-        if groups < 1 or w.dim() < 2 or w.shape[0] % groups or w.shape[1] * groups != c_out:
-            raise InvalidArgumentError(
-                f"ConvTranspose weight {tuple(w.shape)} with groups={groups} does not have "
-                f"{c_out} output channels"
-            )
-        per_group_out = w.shape[1]
-        grouped = w.reshape(groups, w.shape[0] // groups, per_group_out, *w.shape[2:])
-        grouped = grouped * scale.reshape(groups, 1, per_group_out, *kernel_ones)
-        new_weight = grouped.reshape(w.shape)
-    else:
-        if w.dim() < 1 or w.shape[0] != c_out:
-            raise InvalidArgumentError(
-                f"weight {tuple(w.shape)} does not have {c_out} output channels on axis 0"
-            )
-        new_weight = w * scale.reshape(c_out, *([1] * (w.dim() - 1)))
+    s, t = bn_scale_shift(
+        f64(gamma, 1.0), f64(beta, 0.0), f64(running_mean, 0.0), f64(running_var, 0.0), eps
+    )
+    w = weight.detach().to("cpu", torch.float64).numpy()
+    layout = "ConvTranspose" if transposed else "Conv"
+    channels = output_channels(tuple(w.shape), layout, group=groups) if w.ndim >= 1 else None
+    if channels != c_out:
+        what = f"with groups={groups} " if transposed else ""
+        raise InvalidArgumentError(
+            f"{layout} weight {tuple(w.shape)} {what}does not have {c_out} output channels"
+        )
+    new_w, new_b = fold_into_producer(
+        w, None if bias is None else f64(bias, 0.0), s, t, layout, group=groups
+    )
     bias_dtype = weight.dtype if bias is None else bias.dtype
     return (
-        new_weight.to(device=weight.device, dtype=weight.dtype),
-        new_bias.to(device=weight.device, dtype=bias_dtype),
+        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
+        torch.from_numpy(new_b).to(device=weight.device, dtype=bias_dtype),
     )
 
 
@@ -225,6 +221,58 @@ def fold_bn_module(module: nn.Module, example_inputs: Any = None) -> nn.Module:
     return fold_bn_module_with_ledger(module, example_inputs).module
 
 
+def _deep_copy(module: nn.Module) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise InvalidArgumentError(
+            f"module: expected an nn.Module, got {type(module).__name__}"
+        )
+    try:
+        return copy.deepcopy(module)
+    except Exception as exc:
+        raise InvalidArgumentError(
+            f"module: {type(module).__name__} cannot be deep-copied ({exc}); "
+            "folding never modifies the caller's module"
+        ) from exc
+
+
+@dataclass
+class _FoldContext:
+    """What every pair check needs: the working copy and the facts collected about it."""
+
+    work: nn.Module
+    usage: _Usage
+    ranks: dict[int, set[int]]
+    example_inputs: Any
+    bn_training: dict[int, bool]  # mode as handed over, by module id
+    trace_error: str | None
+
+
+_Fold = tuple[str, str, _ProducerLayout]  # (producer path, BatchNorm path, producer layout)
+
+
+def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, _Fold | None]:
+    """The ledger entry of the BatchNorm called at ``node``, and the fold to apply (if any)."""
+    bn_path = prefix + str(node.target)
+    bn = cast(_BatchNorm, ctx.work.get_submodule(bn_path))
+    args = (ctx.work, node, prefix, bn_path, bn, ctx.usage, ctx.ranks, ctx.example_inputs)
+    producer_path, reason = _check_pair(*args)
+    if reason is not None or producer_path is None:
+        return BnFoldEntry(bn_path, type(bn).__name__, reason=reason or ""), None
+    producer = ctx.work.get_submodule(producer_path)
+    notes = []
+    if ctx.bn_training[id(bn)]:
+        notes.append("handed over in train mode; folded with running statistics (eval)")
+    if ctx.trace_error is not None:
+        notes.append(
+            f"inside traceable '{prefix[:-1]}'; the untraceable forward around it is "
+            "assumed to call it only as a whole"
+        )
+    entry = BnFoldEntry(
+        bn_path, type(bn).__name__, producer_path, type(producer).__name__, "; ".join(notes)
+    )
+    return entry, (producer_path, bn_path, _PRODUCERS[type(producer)])
+
+
 def fold_bn_module_with_ledger(
     module: nn.Module, example_inputs: Any = None
 ) -> ModuleFoldResult:
@@ -233,82 +281,39 @@ def fold_bn_module_with_ledger(
     ``example_inputs`` (a tensor or a tuple of positional inputs) lets BatchNorm1d pairs be proved by
     the rank of the tensor BatchNorm actually sees; without it they are skipped with a reason.
     """
-    if not isinstance(module, nn.Module):
-        raise InvalidArgumentError(
-            f"fold_bn_module needs an nn.Module, got {type(module).__name__}"
-        )
-    try:
-        work = copy.deepcopy(module)
-    except Exception as exc:
-        raise InvalidArgumentError(
-            f"module {type(module).__name__} cannot be deep-copied ({exc}); "
-            "folding never modifies the caller's module"
-        ) from exc
+    work = _deep_copy(module)
     # Mode as handed over. The result always has eval semantics (running statistics), which
     # is what deployment needs; the ledger says which BatchNorms arrived in train mode.
     bn_training = {id(m): m.training for m in work.modules() if _is_batch_norm(m)}
     work.eval()
-
     graphs, untraceable = _trace_tree(work)
-    trace_error = untraceable.get("", None)
     ranks, shape_error = _bn_input_ranks(work, example_inputs)
-    usage = _Usage.collect(work, graphs)
+    ctx = _FoldContext(
+        work, _Usage.collect(work, graphs), ranks, example_inputs, bn_training,
+        untraceable.get(""),
+    )  # fmt: skip
 
     entries: dict[int, BnFoldEntry] = {}
-    folds: list[tuple[str, str, _ProducerLayout]] = []
+    folds: list[_Fold] = []
     for prefix, graph in graphs:
         for node in graph.nodes:
             if node.op == "call_function" and node.target in _FUNCTIONAL_BN:
-                name = f"{prefix}{node.name}"
                 entries[id(node)] = BnFoldEntry(
-                    name, "F.batch_norm", reason="functional batch_norm call, not a module"
-                )
+                    f"{prefix}{node.name}", "F.batch_norm",
+                    reason="functional batch_norm call, not a module",
+                )  # fmt: skip
                 continue
             if node.op != "call_module":
                 continue
-            bn_path = prefix + str(node.target)
-            bn = work.get_submodule(bn_path)
+            bn = work.get_submodule(prefix + str(node.target))
             if not _is_batch_norm(bn) or id(bn) in entries:
                 continue
-            producer_path, reason = _check_pair(
-                work,
-                node,
-                prefix,
-                bn_path,
-                bn,
-                usage,
-                ranks,
-                example_inputs,
-            )
-            if reason is not None:
-                entries[id(bn)] = BnFoldEntry(bn_path, type(bn).__name__, reason=reason)
-                continue
-            assert producer_path is not None
-            producer = work.get_submodule(producer_path)
-            layout = _PRODUCERS[type(producer)]
-            folds.append((producer_path, bn_path, layout))
-            notes = []
-            if bn_training[id(bn)]:
-                notes.append(
-                    "handed over in train mode; folded with running statistics (eval)"
-                )
-            if trace_error is not None:
-                notes.append(
-                    f"inside traceable '{prefix[:-1]}'; the untraceable forward around it is "
-                    "assumed to call it only as a whole"
-                )
-            note = "; ".join(notes)
-            entries[id(bn)] = BnFoldEntry(
-                bn_path,
-                type(bn).__name__,
-                producer_path,
-                type(producer).__name__,
-                note,
-            )
+            entries[id(bn)], fold = _judge(ctx, prefix, node)
+            if fold is not None:
+                folds.append(fold)
 
     for producer_path, bn_path, layout in folds:
         _apply_fold(work, producer_path, bn_path, layout)
-
     for path, mod in work.named_modules():
         if _is_batch_norm(mod) and id(mod) not in entries:
             entries[id(mod)] = BnFoldEntry(
@@ -322,14 +327,14 @@ def fold_bn_module_with_ledger(
     return ModuleFoldResult(
         module=work.eval(),
         entries=ledger,
-        traced=trace_error is None,
-        trace_error=trace_error,
+        traced=ctx.trace_error is None,
+        trace_error=ctx.trace_error,
         shape_error=shape_error,
     )
 
 
-def _is_batch_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm)
+def _is_batch_norm(m: nn.Module) -> TypeGuard[_BatchNorm]:
+    return isinstance(m, _BatchNorm)
 
 
 def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, str]]:
@@ -436,7 +441,7 @@ def _check_pair(
     bn_node: fx.Node,
     prefix: str,
     bn_path: str,
-    bn: nn.Module,
+    bn: _BatchNorm,
     usage: _Usage,
     ranks: dict[int, set[int]],
     example_inputs: Any,
@@ -446,9 +451,7 @@ def _check_pair(
     def fail(reason: str) -> tuple[None, str]:
         return None, reason
 
-    if any(
-        isinstance(t, nn.parameter.UninitializedTensorMixin) for t in bn.state_dict().values()
-    ):
+    if any(is_lazy(t) for t in bn.state_dict().values()):
         return fail("lazy BatchNorm is not initialised")
     if type(bn) not in _BATCH_NORMS:
         return fail(f"custom BatchNorm subclass {type(bn).__name__}; its forward is unknown")
@@ -538,8 +541,9 @@ def _apply_fold(
     root: nn.Module, producer_path: str, bn_path: str, layout: _ProducerLayout
 ) -> None:
     """Replace the producer's parameters with the folded ones and the BatchNorm with Identity."""
-    producer = root.get_submodule(producer_path)
-    bn = root.get_submodule(bn_path)
+    producer = cast(_Producer, root.get_submodule(producer_path))
+    bn = cast(_BatchNorm, root.get_submodule(bn_path))
+    assert bn.running_mean is not None and bn.running_var is not None
     weight, bias = fold_bn_into_weights(
         producer.weight,
         producer.bias,

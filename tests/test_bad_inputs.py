@@ -21,7 +21,6 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import normdeploy.io
-import normdeploy.passes.fold_bn
 from normdeploy.cli import main
 from normdeploy.io import sha256_file
 
@@ -166,7 +165,7 @@ def _unreadable(mp: pytest.MonkeyPatch) -> None:
 
 
 # Both ONNX writers: onnx.save_model (export, external data) and fold-bn's streaming writer.
-WRITERS = ((onnx, "save_model"), (normdeploy.passes.fold_bn, "save_model_streaming"))
+WRITERS = ((onnx, "save_model"), (normdeploy.io, "write_model"))
 
 
 def _no_space(mp: pytest.MonkeyPatch) -> None:
@@ -234,7 +233,7 @@ CASES: list[Case] = [
     Case("var-plus-eps-zero", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"BatchNormalization 'bn'.*var \+ epsilon <= 0", _save("in.onnx", lambda: conv_bn_graph(var=np.array([1.0, -1e-5, 1.0, 1.0]), eps=1e-5)), ["o.onnx"]),
     # ---- verify inputs and providers
     Case("unknown-provider", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--providers", "tpu"], 2, r"--providers: unknown provider 'tpu'", ONNX_IN),
-    Case("cuda-not-available", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--providers", "cuda"], 2, r"--providers: 'cuda' is not available here", ONNX_IN, patch=lambda mp: mp.setattr("normdeploy.runtime.available_providers", lambda: ["CPUExecutionProvider"])),
+    Case("cuda-not-available", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--providers", "cuda"], 2, r"--providers: 'cuda' is not available here", ONNX_IN, patch=lambda mp: mp.setattr("normdeploy.verification.runners.available_providers", lambda: ["CPUExecutionProvider"])),
     Case("npz-missing-name", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--inputs", "{d}/feed.npz"], 2, r"feed\.npz: missing input\(s\) x", _npz({"other": np.zeros((1, 3, 8, 8), np.float32)})),
     Case("npz-extra-name", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--inputs", "{d}/feed.npz"], 2, r"feed\.npz: unknown name\(s\) bogus", _npz({"x": np.zeros((1, 3, 8, 8), np.float32), "bogus": np.zeros(2)})),
     Case("npz-wrong-rank", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--inputs", "{d}/feed.npz"], 2, r"feed\.npz.*'x'.*(rank|shape)", _npz({"x": np.zeros((3, 8, 8), np.float32)})),

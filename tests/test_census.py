@@ -186,7 +186,11 @@ def test_layernorm_below_opset_17_is_a_confirmed_decomposition():
     assert census.op_counts[DECOMPOSED_LAYERNORM] == 1
     assert "decomposed-layernorm" in census.lint_codes()
     # fp32 LayerNorm over 2048 values: ~1e-6 measured; 1e-4 is the documented fp32 default.
-    assert entry.confirmed and entry.vs_oracle.max_abs < 1e-4 and entry.vs_torch.max_abs < 1e-4
+    assert (
+        entry.confirmed
+        and entry.vs_oracle.comparison.max_abs < 1e-4
+        and entry.vs_torch.comparison.max_abs < 1e-4
+    )
 
 
 def test_confirmation_catches_a_wrong_groupnorm():
@@ -199,7 +203,7 @@ def test_confirmation_catches_a_wrong_groupnorm():
         ).model_proto  # fmt: skip
     good = inspect(model, module=module, example_inputs=ref.inputs(2))
     assert [e.representation for e in good.entries] == ["GroupNormalization"] * 2
-    assert good.passed and all(e.vs_oracle.max_abs < 1e-4 for e in good.entries)
+    assert good.passed and all(e.vs_oracle.comparison.max_abs < 1e-4 for e in good.entries)
     # Swap the second GroupNorm's scale for per-group values (what opset-18 semantics would
     # mean): the census must say that module no longer matches PyTorch or the oracle.
     gn = [n for n in model.graph.node if n.op_type == "GroupNormalization"][1]
@@ -209,7 +213,7 @@ def test_confirmation_catches_a_wrong_groupnorm():
     init.CopyFrom(numpy_helper.from_array(scale, init.name))
     bad = inspect(model, module=module, example_inputs=ref.inputs(2))
     assert bad.entries[0].confirmed and bad.entries[1].confirmed is False
-    assert bad.entries[1].vs_oracle.max_abs > 1e-2 and not bad.passed
+    assert bad.entries[1].vs_oracle.comparison.max_abs > 1e-2 and not bad.passed
 
 
 def test_cli_inspect_with_module_and_report(tmp_path, capsys):

@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import models
 from normdeploy import __version__
 from normdeploy.cli import main
+from normdeploy.cli._options import cli_words
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +48,23 @@ def test_cli_py_runs_as_a_script():
     )
     assert proc.returncode == 0, proc.stderr
     assert "conv_bn_relu" in proc.stdout and "BatchNorm2d" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("library", "cli"),
+    [
+        ("batch_sizes: [0] must be positive", "--batch-sizes: [0] must be positive"),
+        ("opset: 7 is outside 9..23", "--opset: 7 is outside 9..23"),
+        ("use opset=18 or higher", "use --opset 18 or higher"),
+        (
+            "give input_shapes=1x3x224x224 (the shape)",
+            "give --input-shape 1x3x224x224 (the shape)",
+        ),
+        ("export with dynamic_batch=False or another", "export with --static or another"),
+        ("exporter: 'tf' is not one of", "--exporter: 'tf' is not one of"),
+        ("in.onnx: opset 7 is older", "in.onnx: opset 7 is older"),  # prose stays prose
+        ("the model's seeds differ: batch_sizes", "the model's seeds differ: batch_sizes"),
+    ],
+)
+def test_library_messages_are_printed_in_the_cli_words(library, cli):
+    assert cli_words(library) == cli

@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from normdeploy.compare import Tolerance, compare_arrays, default_tolerance
-from normdeploy.runtime import CPU, CUDA
+from normdeploy.verification.compare import Tolerance, compare_arrays, default_tolerance
+from normdeploy.verification.runners import CPU, CUDA
 
 
 def test_statistics_match_hand_computation():

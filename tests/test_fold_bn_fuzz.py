@@ -12,8 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from normdeploy.passes.fold_bn import fold_bn
-from normdeploy.runtime import OrtRunner
+from normdeploy.folding import fold_bn
+from normdeploy.verification.runners import OrtRunner
 
 SETTINGS = {
     "deadline": None,

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from normdeploy.folding import fold_bn_file
 from normdeploy.io import sha256_file
-from normdeploy.passes.fold_bn import fold_bn_file
 
 pytestmark = pytest.mark.slow
 

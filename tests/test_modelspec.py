@@ -50,7 +50,7 @@ def test_reference_name_resolves_in_eval_mode():
 def test_import_path_with_and_without_inputs(user_pkg):
     rm = resolve_model("userzoo:net_with_inputs")
     assert rm.example_inputs[0].shape == (1, 3, 8, 8)
-    with pytest.raises(ModelSpecError, match="--input-shape"):
+    with pytest.raises(ModelSpecError, match=r"give input_shapes=1x3x224x224"):
         resolve_model("userzoo:net")
     rm = resolve_model("userzoo:net", input_shapes=[(2, 3, 8, 8)])
     assert rm.example_inputs[0].shape == (2, 3, 8, 8)

@@ -19,26 +19,26 @@ import torch
 from onnx import numpy_helper
 
 import models
+from normdeploy.census.lints import model_eval_mode_lints as graph_flags
+from normdeploy.census.results import ERROR
 from normdeploy.cli import main
-from normdeploy.compare import Tolerance
 from normdeploy.errors import InputFileError, InvalidArgumentError, ModelSpecError
-from normdeploy.runtime import (
+from normdeploy.onnx_graph import graph_input_specs
+from normdeploy.verification.compare import (
+    BATCH_INDEPENDENCE,
+    CUDA_VS_CPU,
+    REFERENCE,
+    Tolerance,
+)
+from normdeploy.verification.feeds import make_feeds
+from normdeploy.verification.runners import (
     CPU,
     CUDA,
     OrtRunner,
-    available_providers,
-    graph_input_specs,
-    make_feeds,
-)
-from normdeploy.verification import (
-    BATCH_INDEPENDENCE,
-    CUDA_VS_CPU,
-    ERROR,
-    REFERENCE,
     TorchRunner,
-    graph_flags,
-    verify,
+    available_providers,
 )
+from normdeploy.verification.verifier import verify
 
 
 def _export(
@@ -268,9 +268,9 @@ def test_npz_feeds_are_used_and_bad_names_are_user_errors(exported, tmp_path):
 
 def test_bad_arguments_are_user_errors(exported):
     module = models.get("conv_bn_relu").build()
-    with pytest.raises(InvalidArgumentError, match="--batch-sizes"):
+    with pytest.raises(InvalidArgumentError, match=r"^batch_sizes: \[0\] must be positive"):
         verify(module, exported["conv_bn_relu"], batch_sizes=(0,))
-    with pytest.raises(InvalidArgumentError, match="--seeds"):
+    with pytest.raises(InvalidArgumentError, match=r"^seeds: 0 must be a positive integer"):
         verify(module, exported["conv_bn_relu"], seeds=0)
     with pytest.raises(InputFileError, match="does not exist"):
         verify(module, "missing.onnx")

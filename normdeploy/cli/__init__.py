@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Sequence
 
 from normdeploy import __version__
+from normdeploy.cli._options import cli_words
 from normdeploy.errors import NormdeployError
 
 # One module per subcommand; each has add_parser(subparsers) and run(args) -> int.
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NormdeployError as exc:
         if args.debug:
             raise
-        print(f"normdeploy {args.command}: error: {exc}", file=sys.stderr)
+        print(f"normdeploy {args.command}: error: {cli_words(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         if args.debug:

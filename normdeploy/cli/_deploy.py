@@ -60,8 +60,9 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(
                 "--weights/--input-shape go with one MODEL, not --all-reference"
             )
-        result = deploy_many(reference_registry().names(), args.output, **options)
-        failed = result.failed
+        summary = deploy_many(reference_registry().names(), args.output, **options)
+        failed = summary.failed
+        emit(summary, args)
     else:
         result = deploy(
             args.model,
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             **options,
         )
         failed = [] if result else [result.model_name]
-    emit(result, args)
+        emit(result, args)
     if failed:
         print(f"normdeploy deploy: failed: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from normdeploy.cli._options import add_output_options
+from normdeploy.cli._options import add_output_options, check_report_path, emit, run_reported
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -25,11 +24,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # torch is never imported on this path: fold-bn's memory is measured against load+save.
-    from normdeploy.passes.fold_bn import fold_bn_file
-    from normdeploy.report import render
+    from normdeploy.folding import fold_bn_file
 
-    result = fold_bn_file(
-        args.input, args.output, overwrite=args.force, verify=args.verify, report=args.report
+    check_report_path(args, (args.input, args.output))
+    result = run_reported(
+        args,
+        lambda: fold_bn_file(
+            args.input, args.output, overwrite=args.force, verify=args.verify
+        ),
     )
-    sys.stdout.write(render(result, args.format))
+    emit(result, args)
     return 0

@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.census import inspect
+    from normdeploy.census.inspection import inspect
 
     check_report_path(args, (args.onnx,))
     module = example_inputs = None

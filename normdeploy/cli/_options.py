@@ -4,13 +4,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from normdeploy.errors import InvalidArgumentError
+from normdeploy.errors import InvalidArgumentError, VerificationFailed
+from normdeploy.report import Renderable
 
 FORMATS = ("text", "json", "markdown")
+
+# Library messages name function parameters; the CLI speaks of its flags.
+FLAGS = {
+    "batch_sizes": "--batch-sizes",
+    "input_shapes": "--input-shape",
+    "providers": "--providers",
+    "seeds": "--seeds",
+    "atol": "--atol",
+    "rtol": "--rtol",
+    "opset": "--opset",
+    "exporter": "--exporter",
+    "inputs": "--inputs",
+    "weights": "--weights",
+}
+_SPELLED = {"dynamic_batch=False": "--static", "dynamic_batch=True": "--dynamic-batch"}
+_NAMES = "|".join(FLAGS)
+_ASSIGNMENT = re.compile(rf"\b({_NAMES})=(['\"]?)([^'\"\s,;)]+)\2")
+_LEADING = re.compile(rf"^({_NAMES}):")
+
+
+def cli_words(message: str) -> str:
+    """A library message in the CLI's words: ``opset=18`` → ``--opset 18``, a leading
+    ``batch_sizes:`` → ``--batch-sizes:``, ``dynamic_batch=False`` → ``--static``."""
+    for words, flag in _SPELLED.items():
+        message = message.replace(words, flag)
+    message = _ASSIGNMENT.sub(lambda m: f"{FLAGS[m.group(1)]} {m.group(3)}", message)
+    return _LEADING.sub(lambda m: FLAGS[m.group(1)] + ":", message)
 
 
 def add_input_shape(p: argparse.ArgumentParser, help_text: str) -> None:
@@ -36,16 +65,13 @@ def input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]] | None:
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    """'1,3' → (1, 3); InvalidArgumentError for anything that is not positive integers."""
+    """'1,3' → (1, 3); the values themselves are checked by the library."""
     try:
-        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+        return tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
         raise InvalidArgumentError(
             f"--batch-sizes: '{text}' is not a comma-separated list of integers"
         ) from None
-    if not sizes or any(s <= 0 for s in sizes):
-        raise InvalidArgumentError(f"--batch-sizes: '{text}' must list positive batch sizes")
-    return sizes
 
 
 def check_report_path(
@@ -56,14 +82,27 @@ def check_report_path(
         from normdeploy.io import check_output_path
 
         check_output_path(
-            args.report, inputs=tuple(inputs), overwrite=args.force, what="--report"
+            args.report, inputs=tuple(inputs), overwrite=args.force, what="report"
         )
 
 
-def emit(result: Any, args: argparse.Namespace) -> None:
+def emit(result: Renderable, args: argparse.Namespace) -> None:
     """Print the result in --format, and write --report when asked."""
     from normdeploy.report import render, write_report
 
     sys.stdout.write(render(result, args.format))
     if getattr(args, "report", None):
         write_report(result, args.report)
+
+
+def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
+    """Run ``work``; when it fails a check, --report still gets the failing result (the
+    diagnosis), then the failure goes on to ``main``."""
+    try:
+        return work()
+    except VerificationFailed as exc:
+        if getattr(args, "report", None) and exc.result is not None:
+            from normdeploy.report import write_report
+
+            write_report(exc.result, args.report)  # type: ignore[arg-type]
+        raise

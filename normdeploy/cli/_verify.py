@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from normdeploy.verification import verify
+    from normdeploy.verification.verifier import verify
 
     check_report_path(args, (args.candidate, args.reference))
     result = verify(

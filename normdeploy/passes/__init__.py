@@ -1,31 +1,139 @@
-"""Graph passes: small declared units that say what they changed.
+"""Graph passes: declared units that say what they require, what they changed, and why.
 
-A pass takes an ``onnx.ModelProto`` and returns a :class:`PassResult`: the (possibly new) model
-and whether it was modified. Passes that rewrite in place say so (``in_place = True``); callers
-that need the original keep a copy first. Each pass lives in its own module with a docstring
-that says what it removes and when it refuses.
+A pass is called as ``pass_(model) -> PassResult``. The base class runs
+
+    requires(model)  →  call(model)  →  the in-place claim  →  ensures(model, result)
+
+``requires`` raises a user error when the model is outside what the pass handles (an opset too
+old, a graph that reads undefined values); ``call`` does the work and returns the model, whether
+it changed, and a ledger with one entry per candidate node (applied, or kept with the reason);
+``ensures`` checks the pass's own post-conditions. A pass that declares ``in_place = True``
+returns the model it was given; one that declares ``in_place = False`` must leave it untouched.
+A broken post-condition is a bug in the pass (:class:`PassContractError`), never a user error.
+
+Passes do no I/O, no numerical verification and no rendering: :mod:`normdeploy.folding` runs a
+pass over a file (load → pass → verify → stage → write). The arithmetic lives in pure modules
+(:mod:`normdeploy.passes.fold_math`), graph edits in :mod:`normdeploy.passes.surgery`, and each
+pass in its own module with a docstring saying what it removes and when it refuses.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import onnx
+
+from normdeploy.onnx_graph import node_label, undefined_input
+
+# What a ledger entry says happened to its node.
+FOLDED, MERGED, FUSED, KEPT = "folded", "merged", "fused", "kept"
+
+
+class PassContractError(AssertionError):
+    """A pass broke its own contract (changed an input it declared untouched, left an undefined
+    value behind, a ledger that does not match the graph): a bug, never the user's fault."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One candidate node: what happened to it (into which node, which direction) or why not."""
+
+    node: str
+    graph: str
+    action: str  # FOLDED | MERGED | FUSED | KEPT
+    direction: str = ""  # fold-bn: "preceding" | "following"
+    target: str = ""  # the node it went into
+    target_op: str = ""
+    reason: str = ""  # why it was kept, or a note on how it was applied
+    invalid: bool = False  # the node's own parameters are broken (NaN/inf, var + eps <= 0)
+
+    @property
+    def applied(self) -> bool:
+        return self.action != KEPT
+
+    @property
+    def folded(self) -> bool:
+        return self.action == FOLDED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "graph": self.graph,
+            "action": self.action,
+            "folded": self.folded,
+            "direction": self.direction,
+            "target": self.target,
+            "target_op": self.target_op,
+            "reason": self.reason,
+            "invalid": self.invalid,
+        }
 
 
 @dataclass(frozen=True)
 class PassResult:
-    """The model after a pass, and whether the pass changed it."""
+    """The model after a pass, whether the pass changed it, and its ledger."""
 
     model: onnx.ModelProto
     modified: bool
+    ledger: tuple[LedgerEntry, ...] = ()
+
+    def counts(self) -> Counter[str]:
+        """Ledger entries by action."""
+        return Counter(e.action for e in self.ledger)
+
+
+def _fingerprint(model: onnx.ModelProto) -> tuple[Any, ...]:
+    """A cheap structural fingerprint: nodes (op, wiring, attributes) and initializer layout."""
+    g = model.graph
+    return (
+        tuple(
+            (n.op_type, tuple(n.input), tuple(n.output), n.SerializeToString()) for n in g.node
+        ),
+        tuple((t.name, tuple(t.dims), t.data_type, len(t.raw_data)) for t in g.initializer),
+        tuple(o.name for o in g.output),
+        len(model.functions),
+    )
 
 
 class GraphPass:
-    """Base of graph passes: ``__call__(model) -> PassResult``."""
+    """Base of graph passes: ``__call__(model)`` runs requires → call → ensures."""
 
-    name: str = "pass"
-    in_place: bool = True
+    name: ClassVar[str] = "pass"
+    in_place: ClassVar[bool] = True
+    # What the ledger counts, for reports: "3 of 4 BatchNormalization folded".
+    subject: ClassVar[str] = "node"
+    # The key of the pass's own seconds in a report's timings.
+    stage: ClassVar[str] = "pass"
 
-    def __call__(self, model: onnx.ModelProto) -> PassResult:
+    def requires(self, model: onnx.ModelProto, source: str) -> None:
+        """Raise a user error (naming ``source``) when the pass cannot run on ``model``."""
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
         raise NotImplementedError
+
+    def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
+        """Post-conditions; the default checks the graph still defines every value it reads,
+        and that ``modified`` agrees with the ledger. Subclasses add their own."""
+        if (where := undefined_input(result.model.graph)) is not None:
+            node, name = where
+            raise PassContractError(
+                f"{self.name}: node '{node_label(node)}' reads '{name}', which the pass left "
+                "undefined"
+            )
+        if result.modified != any(e.applied for e in result.ledger):
+            raise PassContractError(
+                f"{self.name}: modified={result.modified} disagrees with its ledger"
+            )
+
+    def __call__(self, model: onnx.ModelProto, source: str = "<model>") -> PassResult:
+        self.requires(model, source)
+        before = None if self.in_place else _fingerprint(model)
+        result = self.call(model)
+        if self.in_place and result.model is not model:
+            raise PassContractError(f"{self.name}: declared in place but returned a new model")
+        if before is not None and _fingerprint(model) != before:
+            raise PassContractError(f"{self.name}: declared functional but changed its input")
+        self.ensures(model, result)
+        return result

@@ -25,15 +25,23 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from normdeploy.compare import ArrayComparison, Tolerance, compare_arrays, default_tolerance
-from normdeploy.probe import expose_values, module_output_values, trace_module_calls
+from normdeploy.onnx_graph import node_label
 from normdeploy.report import fmt_num, markdown_table, text_table
-from normdeploy.runtime import CPU, OrtRunner
+from normdeploy.verification.compare import DEFAULT_POLICY, ArrayComparison, TolerancePolicy
+from normdeploy.verification.probe import (
+    expose_values,
+    module_output_values,
+    trace_module_calls,
+)
+from normdeploy.verification.runners import CPU, OrtRunner
+
+if TYPE_CHECKING:
+    import torch
 
 # Scale-free error that rounding alone reaches in a deep graph, per dtype (a few ulps, summed).
 NOISE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
@@ -224,8 +232,8 @@ class CandidateValue:
 
 def relative_error(comparison: ArrayComparison, expected: np.ndarray) -> float:
     """``max|Δ| / max|expected|``; inf when shapes or non-finite positions differ."""
-    if not comparison.passed and (
-        comparison.detail or math.isnan(comparison.max_abs) or math.isinf(comparison.max_abs)
+    if comparison.max_abs is None or (
+        not comparison.passed and (comparison.detail or math.isinf(comparison.max_abs))
     ):
         return math.inf
     finite = np.abs(expected[np.isfinite(expected)].astype(np.float64))
@@ -244,7 +252,7 @@ def locate_divergence(
     candidate: Mapping[str, CandidateValue],
     *,
     provider: str = CPU,
-    tolerance: Tolerance | None = None,
+    policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> tuple[list[Probe], list[Unmatched], list[Unmatched], int | None]:
     """Compare ``candidate`` values with ``reference`` in order; see the module docstring.
 
@@ -269,12 +277,11 @@ def locate_divergence(
             options.append(later)
         scored = []
         for rank, option in enumerate(options):
-            if not _is_float(option.array) or option.array.shape != cand.array.shape:
+            array = option.array
+            if array is None or not _is_float(array) or array.shape != cand.array.shape:
                 continue
-            assert option.array is not None
-            tol = tolerance or default_tolerance(cand.array.dtype, provider)
-            comp = compare_arrays(ref.key, option.array, cand.array, tol)
-            scored.append((relative_error(comp, option.array), rank, option, comp))
+            comp = policy.compare(ref.key, array, cand.array, provider)
+            scored.append((relative_error(comp, array), rank, option, comp))
         if not scored:
             shape = None if ref.array is None else tuple(ref.array.shape)
             not_compared.append(Unmatched(
@@ -325,8 +332,8 @@ def _producers(graph: onnx.GraphProto) -> dict[str, tuple[int, onnx.NodeProto]]:
     return {out: (i, node) for i, node in enumerate(graph.node) for out in node.output if out}
 
 
-def _node_label(node: onnx.NodeProto) -> str:
-    return f"{node.name or '<unnamed>'} ({node.op_type})"
+def _describe(node: onnx.NodeProto) -> str:
+    return f"{node_label(node)} ({node.op_type})"
 
 
 def _run_exposed(
@@ -341,13 +348,13 @@ def _run_exposed(
 
 def bisect_module(
     candidate: onnx.ModelProto,
-    module: Any,
+    module: torch.nn.Module,
     feeds: Mapping[str, np.ndarray],
     torch_args: Sequence[Any],
     *,
     provider: str = CPU,
     inputs_label: str = "",
-    tolerance: Tolerance | None = None,
+    policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> Bisection:
     """Compare each module's PyTorch eval output (on ``torch_args``) with its ONNX value."""
     calls = trace_module_calls(module, torch_args)
@@ -374,12 +381,12 @@ def bisect_module(
             continue
         reference.append(ReferenceValue(call.path, call.class_name, call.output))
     candidate_values = {
-        path: CandidateValue(name, _node_label(producers[name][1]), outputs[name])
+        path: CandidateValue(name, _describe(producers[name][1]), outputs[name])
         for path, name in values.items()
         if name in outputs and name in producers
     }
     probes, absent, skipped, index = locate_divergence(
-        reference, candidate_values, provider=provider, tolerance=tolerance
+        reference, candidate_values, provider=provider, policy=policy
     )
     stray = sorted(k for k in values if k not in known)
     skipped += [
@@ -410,7 +417,7 @@ def bisect_onnx(
     *,
     provider: str = CPU,
     inputs_label: str = "",
-    tolerance: Tolerance | None = None,
+    policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> Bisection:
     """Compare intermediate values of two graphs, by module path when both carry module names
     (so renamed or folded nodes still line up), else by value name."""
@@ -436,12 +443,12 @@ def bisect_onnx(
     cand_out = _run_exposed(candidate, sorted(set(cand_map.values())), feeds, provider)
     ref_values = [ReferenceValue(k, op, ref_out.get(v)) for k, v, op in ref_entries]
     cand_values = {
-        k: CandidateValue(v, _node_label(cand_producers[v][1]), cand_out[v])
+        k: CandidateValue(v, _describe(cand_producers[v][1]), cand_out[v])
         for k, v in cand_map.items()
         if v in cand_out and v in cand_producers
     }
     probes, absent, skipped, index = locate_divergence(
-        ref_values, cand_values, provider=provider, tolerance=tolerance
+        ref_values, cand_values, provider=provider, policy=policy
     )
     return Bisection(
         mapping, "ONNX", provider, inputs_label, tuple(probes), tuple(absent), tuple(skipped),

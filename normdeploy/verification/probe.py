@@ -11,12 +11,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from normdeploy.scopes import node_module_path
+from normdeploy.verification.runners import to_numpy
+
+if TYPE_CHECKING:
+    import torch
 
 
 def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
@@ -88,7 +92,7 @@ class ModuleCall:
     calls: int
 
 
-def trace_module_calls(module: Any, inputs: Sequence[Any]) -> list[ModuleCall]:
+def trace_module_calls(module: torch.nn.Module, inputs: Sequence[Any]) -> list[ModuleCall]:
     """Every submodule's first output, in the order their forwards first finished (eval copy).
 
     Children finish before their parents, so the order is execution order for leaves. A module
@@ -102,15 +106,14 @@ def trace_module_calls(module: Any, inputs: Sequence[Any]) -> list[ModuleCall]:
     classes: dict[str, str] = {}
 
     def hook_for(path: str) -> Any:
-        def hook(mod: Any, _inp: Any, output: Any) -> None:
+        def hook(mod: torch.nn.Module, _inp: Any, output: Any) -> None:
             counts[path] = counts.get(path, 0) + 1
             if path in firsts:
                 return
             t = output[0] if isinstance(output, (tuple, list)) and output else output
             firsts[path] = None
             if isinstance(t, torch.Tensor):
-                t = t.detach().cpu()
-                firsts[path] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+                firsts[path] = to_numpy(t)
             classes[path] = type(mod).__name__
 
         return hook

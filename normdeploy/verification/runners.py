@@ -1,21 +1,28 @@
-"""onnxruntime sessions, execution-provider choice, and input generation.
+"""Runners: one ``infer(feeds) -> {name: array}`` interface for onnxruntime and PyTorch, and the
+execution-provider choice.
 
 Every place that runs an ONNX graph goes through :func:`resolve_providers` and
 :class:`OrtRunner`, so CUDA is used wherever it exists and its absence is said once, clearly.
+The PyTorch runner works on a deep copy of the module in eval mode under ``no_grad``: the
+caller's module keeps its mode and its BatchNorm statistics.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
-from normdeploy.errors import InvalidArgumentError
+from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
+
+if TYPE_CHECKING:
+    import torch
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -45,10 +52,8 @@ class ProviderChoice:
 
 def cuda_unavailable_reason() -> str:
     """Why CUDAExecutionProvider is not usable here, in one line."""
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - onnxruntime is a core dependency
-        return "onnxruntime is not installed"
+    import onnxruntime as ort
+
     if CUDA not in ort.get_available_providers():
         return (
             f"onnxruntime {ort.__version__} has no CUDAExecutionProvider "
@@ -80,16 +85,14 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> ProviderC
         full = PROVIDER_ALIASES.get(key.lower(), key)
         if full not in PROVIDER_ALIASES.values() and full not in avail:
             known = ", ".join(sorted(PROVIDER_ALIASES))
-            raise InvalidArgumentError(
-                f"--providers: unknown provider '{key}' (known: {known})"
-            )
+            raise InvalidArgumentError(f"providers: unknown provider '{key}' (known: {known})")
         if full not in avail:
             reason = cuda_unavailable_reason() if full == CUDA else "not in this onnxruntime"
-            raise InvalidArgumentError(f"--providers: '{key}' is not available here: {reason}")
+            raise InvalidArgumentError(f"providers: '{key}' is not available here: {reason}")
         if full not in chosen:
             chosen.append(full)
     if not chosen:
-        raise InvalidArgumentError("--providers: no provider given")
+        raise InvalidArgumentError("providers: no provider given")
     return ProviderChoice(tuple(chosen))
 
 
@@ -136,6 +139,16 @@ class OrtRunner:
             )
         return self._session
 
+    def open(self, label: str) -> OrtRunner:
+        """Create the session now; a graph onnxruntime cannot load is the user's bad input."""
+        try:
+            self.session  # noqa: B018
+        except Exception as exc:
+            raise InvalidModelError(
+                f"{label}: onnxruntime cannot load it: {first_line(exc)}"
+            ) from None
+        return self
+
     @property
     def providers_used(self) -> list[str]:
         return list(self.session.get_providers())
@@ -149,87 +162,85 @@ class OrtRunner:
         return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A graph input: name, numpy dtype, and shape (ints, or str/None for symbolic dims)."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple[int | str | None, ...]
+# ------------------------------------------------------------------------------- PyTorch
 
 
-def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The real inputs of a graph (initializers listed as inputs are not inputs)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        dims: list[int | str | None] = []
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(d.dim_value)
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        specs.append(InputSpec(vi.name, np.dtype(dtype), tuple(dims)))
-    return specs
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """Tensors of a (nested) model output in order: tensor, tuple/list, dict values."""
+    import torch
+
+    work, out = [value], []
+    while work:
+        item = work.pop(0)
+        if isinstance(item, torch.Tensor):
+            out.append(item)
+        elif isinstance(item, Mapping):
+            work[:0] = list(item.values())
+        elif isinstance(item, (list, tuple)):
+            work[:0] = list(item)
+    return out
 
 
-def concrete_shape(
-    spec: InputSpec, batch_size: int | None, dim_values: Mapping[str, int] | None = None
-) -> tuple[int, ...]:
-    """Fill symbolic dims: the first with ``batch_size``, named ones from ``dim_values``, else 8.
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU numpy copy; bfloat16 (which numpy lacks) widened to float32."""
+    import torch
 
-    Static dims are kept as written, the batch dim included.
+    t = tensor.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+
+
+def module_float_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of the module's first floating-point parameter or buffer."""
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def module_outputs(module: torch.nn.Module, args: Sequence[Any]) -> list[np.ndarray]:
+    """The module's outputs on ``args`` under ``no_grad`` as numpy arrays (mode as it is)."""
+    import torch
+
+    with torch.no_grad():
+        return [to_numpy(t) for t in flatten_outputs(module(*args))]
+
+
+@dataclass
+class TorchRunner:
+    """Runs a deep copy of ``module`` in eval mode, no_grad, on ``device``: ``infer(feeds)``.
+
+    Inputs are taken from ``feeds`` in ``input_names`` order; floating inputs are cast to the
+    module's parameter dtype. Outputs are named by position with ``output_names``.
     """
-    out = []
-    for i, d in enumerate(spec.shape):
-        if isinstance(d, int) and d > 0:
-            out.append(d)
-        elif isinstance(d, str) and dim_values and d in dim_values:
-            out.append(int(dim_values[d]))
-        elif i == 0 and batch_size is not None:
-            out.append(batch_size)
-        else:
-            out.append(8)
-    return tuple(out)
 
+    module: torch.nn.Module
+    input_names: Sequence[str]
+    output_names: Sequence[str] | None = None
+    device: str = "cpu"
+    _model: Any = field(default=None, init=False, repr=False)
 
-def stress_array(
-    shape: Sequence[int], dtype: np.dtype, rng: np.random.Generator
-) -> np.ndarray:
-    """Inputs that stress normalization: signed, a few large outliers, one constant channel.
+    def __post_init__(self) -> None:
+        self._model = copy.deepcopy(self.module).eval().to(self.device)
 
-    Integer inputs (token ids, indices) get small non-negative values.
-    """
-    dtype = np.dtype(dtype)
-    if dtype.kind in "iu":
-        return rng.integers(0, 4, size=shape).astype(dtype)
-    if dtype.kind == "b":
-        return rng.integers(0, 2, size=shape).astype(bool)
-    x = rng.standard_normal(shape) * 1.5 + 0.25
-    flat = x.reshape(-1)
-    if flat.size >= 16:
-        idx = rng.choice(flat.size, size=max(1, flat.size // 500), replace=False)
-        flat[idx] *= 20.0  # outliers
-    if len(shape) >= 3 and shape[1] >= 2:
-        x[:, shape[1] - 1] = 0.75  # a constant channel: zero variance over its spatial extent
-    return x.astype(dtype)
+    def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
+        """The positional torch arguments for ``feeds``."""
+        import torch
 
+        dtype = module_float_dtype(self._model)
+        out = []
+        for name in self.input_names:
+            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out.append(t.to(self.device))
+        return out
 
-def make_feeds(
-    specs: Sequence[InputSpec],
-    batch_size: int | None = None,
-    seed: int = 0,
-    dim_values: Mapping[str, int] | None = None,
-) -> dict[str, np.ndarray]:
-    """Seeded stress inputs for every graph input."""
-    rng = np.random.default_rng(seed)
-    return {
-        s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
-        for s in specs
-    }
+    def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        arrays = module_outputs(self._model, self.args(feeds))
+        names = list(self.output_names or [f"output_{i}" for i in range(len(arrays))])
+        if len(names) != len(arrays):
+            raise InvalidArgumentError(
+                f"the PyTorch model returns {len(arrays)} tensor(s) but the ONNX graph has "
+                f"{len(names)} output(s) ({', '.join(names)}); are these the same model?"
+            )
+        return dict(zip(names, arrays, strict=True))

@@ -1,29 +1,34 @@
-"""Provider choice and stress inputs."""
+"""The runners (normdeploy/verification/runners.py): provider choice; and the stress inputs
+they are fed (normdeploy/verification/feeds.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from normdeploy import runtime
 from normdeploy.errors import InvalidArgumentError
-from normdeploy.runtime import CPU, CUDA, InputSpec, make_feeds, resolve_providers
+from normdeploy.onnx_graph import InputSpec
+from normdeploy.verification import runners
+from normdeploy.verification.feeds import make_feeds
+from normdeploy.verification.runners import CPU, CUDA, resolve_providers
 
 
 def test_default_providers_use_cuda_only_when_present(monkeypatch):
-    monkeypatch.setattr(runtime, "available_providers", lambda: [CPU])
+    monkeypatch.setattr(runners, "available_providers", lambda: [CPU])
     choice = resolve_providers(None)
     assert choice.providers == (CPU,)
     assert any("CUDA not used" in n for n in choice.notes)
-    monkeypatch.setattr(runtime, "available_providers", lambda: [CUDA, CPU])
+    monkeypatch.setattr(runners, "available_providers", lambda: [CUDA, CPU])
     assert resolve_providers(None).providers == (CPU, CUDA)
 
 
 def test_requesting_missing_or_unknown_provider_is_a_user_error(monkeypatch):
-    monkeypatch.setattr(runtime, "available_providers", lambda: [CPU])
-    with pytest.raises(InvalidArgumentError, match="'cuda' is not available"):
+    monkeypatch.setattr(runners, "available_providers", lambda: [CPU])
+    with pytest.raises(
+        InvalidArgumentError, match=r"^providers: 'cuda' is not available here"
+    ):
         resolve_providers("cpu,cuda")
-    with pytest.raises(InvalidArgumentError, match="unknown provider 'tpu'"):
+    with pytest.raises(InvalidArgumentError, match=r"^providers: unknown provider 'tpu'"):
         resolve_providers("tpu")
     assert resolve_providers("cpu").providers == (CPU,)
 

@@ -1,0 +1,107 @@
+"""``inspect``: which normalization layers a graph holds, how each is written, and lints.
+
+On any ONNX file (no PyTorch needed) it counts norm ops and the patterns exporters write in their
+place (:mod:`normdeploy.census.patterns`), in every scope (subgraphs and functions included), and
+lints them (:mod:`normdeploy.census.lints`). Given the PyTorch module the graph came from, it
+says for every norm module how it appears and confirms it numerically
+(:mod:`normdeploy.census.modules`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import onnx
+
+from normdeploy.census.lints import LOW_PRECISION, eval_mode_lints, norm_lints
+from normdeploy.census.patterns import NATIVE_NORM_OPS, Match, match_at
+from normdeploy.census.results import Census, Lint, NormEntry, NormNode
+from normdeploy.io import read_onnx
+from normdeploy.onnx_graph import (
+    GraphIndex,
+    default_opset,
+    elem_types,
+    in_default_domain,
+    model_constants,
+    node_label,
+    scopes,
+)
+from normdeploy.scopes import node_module_path
+
+if TYPE_CHECKING:
+    import torch
+
+
+def graph_census(model: onnx.ModelProto) -> tuple[dict[str, int], list[NormNode], list[Lint]]:
+    """Counts, found norm nodes/patterns and lints over every scope in the model."""
+    types = elem_types(model)
+    consts = model_constants(model)
+    opset = default_opset(model)
+    counts: Counter[str] = Counter()
+    found: list[NormNode] = []
+    lints: list[Lint] = []
+    for scope in scopes(model):
+        index = GraphIndex(scope.nodes)
+        matches: list[Match] = []
+        for node in scope.nodes:
+            default = in_default_domain(node)
+            if default and node.op_type in (*NATIVE_NORM_OPS, "Dropout"):
+                counts[node.op_type] += 1
+            elif not default and "Norm" in node.op_type:
+                counts[f"{node.domain}.{node.op_type}"] += 1
+            match = match_at(index, node)
+            if match is not None:
+                matches.append(match)
+                counts[match.kind] += 1
+            native = default and node.op_type in NATIVE_NORM_OPS and bool(node.input)
+            if native or match is not None:
+                kind = match.kind if match else node.op_type
+                dtype = types.get(match.data_input if match else node.input[0])
+                found.append(
+                    NormNode(
+                        kind, node_label(node), scope.label, node_module_path(node), dtype
+                    )
+                )
+                if dtype in LOW_PRECISION:
+                    counts[f"{dtype} norms"] += 1
+        lints += eval_mode_lints(scope.nodes, consts)
+        lints += norm_lints(scope.nodes, opset, types, consts, matches)
+    return dict(counts), found, lints
+
+
+def inspect(
+    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    module: torch.nn.Module | None = None,
+    example_inputs: Sequence[Any] | None = None,
+    seed: int = 0,
+) -> Census:
+    """Census of the norm layers in an ONNX model; with ``module``, per module and confirmed.
+
+    ``example_inputs`` (tensors) set the input shapes of the confirmation run; its values are
+    seeded stress inputs. Never fails on unknown ops, domains or subgraphs.
+    """
+    from normdeploy.census.modules import module_entries
+
+    if isinstance(model_or_path, onnx.ModelProto):
+        model, source = model_or_path, model_or_path.graph.name or "<model>"
+    else:
+        loaded = read_onnx(model_or_path)
+        model, source = loaded.model, str(loaded.path)
+    counts, found, lints = graph_census(model)
+    entries: list[NormEntry] = []
+    notes: list[str] = []
+    if module is not None:
+        entries, notes = module_entries(model, module, example_inputs, seed)
+    return Census(
+        source=source,
+        opset=default_opset(model),
+        op_counts=counts,
+        norm_nodes=tuple(found),
+        entries=tuple(entries),
+        lints=tuple(lints),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,201 @@
+"""What the census found: norm nodes and patterns, per-module entries, and lints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.verification.compare import Check
+
+# How a norm module can appear in the graph (NormEntry.representation), besides a native op
+# name or a named pattern (patterns.PATTERN_KINDS).
+FOLDED = "folded"
+DECOMPOSITION = "decomposition"
+ABSENT = "absent"
+ERROR, WARNING = "error", "warning"
+
+
+@dataclass(frozen=True)
+class NormNode:
+    """One norm op or norm pattern found in the graph, anchored at one node."""
+
+    kind: str
+    node: str
+    graph: str
+    module_path: str | None
+    dtype: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "node": self.node,
+            "graph": self.graph,
+            "module_path": self.module_path,
+            "dtype": self.dtype,
+        }
+
+
+@dataclass(frozen=True)
+class Lint:
+    """Something known to bite in deployment, with the node it is about."""
+
+    code: str
+    severity: str  # ERROR | WARNING
+    node: str
+    message: str
+    op: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "op": self.op,
+            "node": self.node,
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    """One PyTorch norm module: how it appears in the graph and how close its ONNX value is."""
+
+    module_path: str
+    module_class: str
+    kind: str
+    representation: str
+    detail: str
+    nodes: tuple[str, ...] = ()
+    vs_torch: Check | None = None
+    vs_oracle: Check | None = None
+    note: str = ""
+
+    @property
+    def confirmed(self) -> bool | None:
+        """True/False when compared numerically, None when there was nothing to compare."""
+        checks = [c for c in (self.vs_torch, self.vs_oracle) if c is not None]
+        return all(checks) if checks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "module_path": self.module_path,
+            "module_class": self.module_class,
+            "kind": self.kind,
+            "representation": self.representation,
+            "detail": self.detail,
+            "nodes": list(self.nodes),
+            "confirmed": self.confirmed,
+            "vs_torch": None if self.vs_torch is None else self.vs_torch.to_dict(),
+            "vs_oracle": None if self.vs_oracle is None else self.vs_oracle.to_dict(),
+            "note": self.note,
+        }
+
+
+def _max_abs(check: Check | None) -> str:
+    return "-" if check is None else fmt_num(check.comparison.max_abs)
+
+
+@dataclass(frozen=True)
+class Census:
+    """Norm ops and patterns in a graph, per-module entries (with PyTorch) and lints."""
+
+    source: str
+    opset: int | None
+    op_counts: dict[str, int]
+    norm_nodes: tuple[NormNode, ...] = ()
+    entries: tuple[NormEntry, ...] = ()
+    lints: tuple[Lint, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def passed(self) -> bool:
+        """False when a numerical confirmation failed (lints do not fail the census)."""
+        return all(e.confirmed is not False for e in self.entries)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def entry(self, module_path: str) -> NormEntry:
+        """The entry for a module path; KeyError if the module is not a norm module."""
+        for e in self.entries:
+            if e.module_path == module_path:
+                return e
+        raise KeyError(module_path)
+
+    def lint_codes(self) -> set[str]:
+        return {lint.code for lint in self.lints}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "opset": self.opset,
+            "passed": self.passed,
+            "op_counts": dict(self.op_counts),
+            "norm_nodes": [n.to_dict() for n in self.norm_nodes],
+            "entries": [e.to_dict() for e in self.entries],
+            "lints": [lint.to_dict() for lint in self.lints],
+            "notes": list(self.notes),
+        }
+
+    def _entry_rows(self) -> list[list[str]]:
+        return [
+            [
+                e.module_path or "<root>",
+                e.module_class,
+                e.representation,
+                e.detail,
+                _max_abs(e.vs_torch),
+                _max_abs(e.vs_oracle),
+                {True: "ok", False: "FAIL", None: "-"}[e.confirmed],
+            ]
+            for e in self.entries
+        ]
+
+    _ENTRY_HEADERS = (
+        "module",
+        "class",
+        "representation",
+        "detail",
+        "max|onnx-torch|",
+        "max|onnx-oracle|",
+        "confirmed",
+    )
+
+    def _counts_line(self) -> str:
+        return ", ".join(f"{k}×{v}" for k, v in self.op_counts.items()) or "no norm ops"
+
+    def to_text(self) -> str:
+        opset = "?" if self.opset is None else self.opset
+        lines = [
+            f"Norm census of {self.source} (opset {opset})",
+            f"ops: {self._counts_line()}",
+        ]
+        if self.entries:
+            lines += ["", text_table(self._ENTRY_HEADERS, self._entry_rows())]
+        elif self.norm_nodes:
+            rows = [
+                [n.kind, n.node, n.module_path or "-", n.dtype or "?", n.graph]
+                for n in self.norm_nodes
+            ]
+            headers = ("norm", "node", "module", "dtype", "graph")
+            lines += ["", text_table(headers, rows)]
+        if self.lints:
+            lines += ["", "lints:"]
+            lines += [
+                f"  [{x.severity}] {x.code} at {x.node}: {x.message}" for x in self.lints
+            ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        opset = "?" if self.opset is None else self.opset
+        out = [f"### Norm census of `{self.source}` (opset {opset})", "", self._counts_line()]
+        if self.entries:
+            out += ["", markdown_table(self._ENTRY_HEADERS, self._entry_rows())]
+        if self.lints:
+            out += ["", markdown_table(
+                ("severity", "lint", "node", "message"),
+                [(x.severity, x.code, x.node, x.message) for x in self.lints],
+            )]  # fmt: skip
+        out += [f"- {n}" for n in self.notes]
+        return "\n".join(out)

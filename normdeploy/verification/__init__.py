@@ -1,0 +1,31 @@
+"""The verification core: one way to run, feed, compare and judge, used by every check.
+
+- :mod:`~normdeploy.verification.runners`: onnxruntime and PyTorch behind one ``infer(feeds)``;
+  execution-provider choice;
+- :mod:`~normdeploy.verification.feeds`: seeded stress inputs shaped from the graph, user feeds;
+- :mod:`~normdeploy.verification.compare`: the one comparison, check record and tolerance policy;
+- :mod:`~normdeploy.verification.probe`: intermediate values of both sides;
+- :mod:`~normdeploy.verification.bisection`: where two sides start to disagree;
+- :mod:`~normdeploy.verification.verifier`: ``verify()``; its result in ``results``.
+
+Export's check, fold-bn's self-check, the census confirmation, ``verify`` and the bisection all
+go through ``compare``. Names are imported lazily (the census imports the core, and ``verify``
+imports the census's lints).
+"""
+
+from __future__ import annotations
+
+from normdeploy._lazy import lazy_getattr
+
+_EXPORTS = {
+    "verify": "normdeploy.verification.verifier",
+    "VerifyResult": "normdeploy.verification.results",
+    "Check": "normdeploy.verification.compare",
+    "Tolerance": "normdeploy.verification.compare",
+    "TolerancePolicy": "normdeploy.verification.compare",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
