@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from normdeploy.census.patterns import (
+    describe_kind,
+    norm_of,
+    representation_of,
+)
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.verification.compare import Check
 
 # How a norm module can appear in the graph (NormEntry.representation), besides a native op
 # name or a named pattern (patterns.PATTERN_KINDS).
 FOLDED = "folded"
-DECOMPOSITION = "decomposition"
 ABSENT = "absent"
 ERROR, WARNING = "error", "warning"
 
@@ -26,9 +31,24 @@ class NormNode:
     module_path: str | None
     dtype: str | None
 
+    @property
+    def norm(self) -> str:
+        """The norm it computes: 'GroupNorm' for the InstanceNormalization construction."""
+        return norm_of(self.kind)
+
+    @property
+    def representation(self) -> str:
+        return representation_of(self.kind)
+
+    def describe(self) -> str:
+        """'GroupNorm as InstanceNormalization+Reshape', 'LayerNorm as LayerNormalization'."""
+        return describe_kind(self.kind)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "norm": self.norm,
+            "representation": self.representation,
             "node": self.node,
             "graph": self.graph,
             "module_path": self.module_path,
@@ -125,6 +145,16 @@ class Census:
     def lint_codes(self) -> set[str]:
         return {lint.code for lint in self.lints}
 
+    @property
+    def errors(self) -> tuple[Lint, ...]:
+        """Lints of severity error: ``inspect`` exits 1 on them (the census itself passes)."""
+        return tuple(lint for lint in self.lints if lint.severity == ERROR)
+
+    def norm_summary(self) -> str:
+        """'2× GroupNorm as InstanceNormalization+Reshape, 1× LayerNorm as decomposition'."""
+        counts = Counter(n.describe() for n in self.norm_nodes)
+        return ", ".join(f"{v}× {k}" for k, v in counts.items())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -166,15 +196,15 @@ class Census:
 
     def to_text(self) -> str:
         opset = "?" if self.opset is None else self.opset
-        lines = [
-            f"Norm census of {self.source} (opset {opset})",
-            f"ops: {self._counts_line()}",
-        ]
+        lines = [f"Norm census of {self.source} (opset {opset})"]
+        if self.norm_nodes:
+            lines.append(f"norms: {self.norm_summary()}")
+        lines.append(f"ops: {self._counts_line()}")
         if self.entries:
             lines += ["", text_table(self._ENTRY_HEADERS, self._entry_rows())]
         elif self.norm_nodes:
             rows = [
-                [n.kind, n.node, n.module_path or "-", n.dtype or "?", n.graph]
+                [n.describe(), n.node, n.module_path or "-", n.dtype or "?", n.graph]
                 for n in self.norm_nodes
             ]
             headers = ("norm", "node", "module", "dtype", "graph")
@@ -189,7 +219,10 @@ class Census:
 
     def to_markdown(self) -> str:
         opset = "?" if self.opset is None else self.opset
-        out = [f"### Norm census of `{self.source}` (opset {opset})", "", self._counts_line()]
+        out = [f"### Norm census of `{self.source}` (opset {opset})", ""]
+        if self.norm_nodes:
+            out += [f"Norms: {self.norm_summary()}", ""]
+        out.append(self._counts_line())
         if self.entries:
             out += ["", markdown_table(self._ENTRY_HEADERS, self._entry_rows())]
         if self.lints:
