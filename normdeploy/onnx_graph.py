@@ -341,6 +341,7 @@ _RANK_KEEPING = frozenset(
 )  # fmt: skip
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"))
 _MAX_RANK_DEPTH = 64
+SHAPE_READERS = ("Shape", "Size")  # ops that read a value's shape, never its elements
 
 
 @dataclass
@@ -460,11 +461,21 @@ class GraphIndex:
             name = node.input[0]
         return None
 
-    def sole_reader(self, value: str, user: onnx.NodeProto) -> str | None:
-        """None if ``user`` is the only reader of ``value``; else why it is not."""
+    def sole_reader(
+        self, value: str, user: onnx.NodeProto, *, shape_reads: bool = False
+    ) -> str | None:
+        """None if ``user`` is the only reader of ``value``; else why it is not.
+
+        ``shape_reads=True`` also allows readers that see only the shape (Shape, Size): a
+        rewrite that changes the values but not the shape leaves them as they were.
+        """
         if value in self.graph_outputs:
             return f"'{value}' is a graph output"
         users = self.consumers.get(value, [])
+        if shape_reads:
+            users = [
+                u for u in users if not (u.op_type in SHAPE_READERS and in_default_domain(u))
+            ]
         if len(users) != 1 or users[0] is not user:
             return f"'{value}' has {len(users)} readers"
         if value in self.subgraph_uses:
