@@ -69,6 +69,17 @@ def test_fp16_decomposition_with_underflowing_eps_is_an_error():
     assert "fp16-eps-underflow" not in ok_eps.lint_codes()
 
 
+def test_inspect_exits_1_when_it_prints_an_error_lint(tmp_path, capsys):
+    bad = tmp_path / "fp16_ln.onnx"
+    onnx.save(decomposed_layernorm(TensorProto.FLOAT16, eps=1e-12), bad)
+    assert main(["inspect", str(bad)]) == 1
+    assert "[error] fp16-eps-underflow" in capsys.readouterr().out
+    warned = tmp_path / "ln.onnx"
+    onnx.save(decomposed_layernorm(), warned)
+    assert main(["inspect", str(warned)]) == 0  # warnings alone do not fail
+    assert "[warning] decomposed-layernorm" in capsys.readouterr().out
+
+
 def _single_op_model(node: onnx.NodeProto, opset: int, inits=(), n_in: int = 1):
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 3, 3])]
     graph = helper.make_graph(

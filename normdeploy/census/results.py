@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,7 @@ from normdeploy.census.patterns import (
     norm_of,
     representation_of,
 )
-from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.report import fmt_num, markdown_table, name_list, text_table
 from normdeploy.verification.compare import Check
 
 # How a norm module can appear in the graph (NormEntry.representation), besides a native op
@@ -74,6 +75,22 @@ class Lint:
             "node": self.node,
             "message": self.message,
         }
+
+
+def lint_groups(lints: Sequence[Lint]) -> list[tuple[Lint, list[str]]]:
+    """Lints that say the same thing (severity, code, message) once each, in first-seen order,
+    with every node they are about."""
+    groups: dict[tuple[str, str, str], tuple[Lint, list[str]]] = {}
+    for lint in lints:
+        key = (lint.severity, lint.code, lint.message)
+        groups.setdefault(key, (lint, []))[1].append(lint.node)
+    return list(groups.values())
+
+
+def lint_line(lint: Lint, nodes: Sequence[str]) -> str:
+    """'[warning] dropout at drop1: …', or 'at 9 nodes (a, b, c (+6 more))' for a group."""
+    where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes ({name_list(nodes)})"
+    return f"[{lint.severity}] {lint.code} at {where}: {lint.message}"
 
 
 @dataclass(frozen=True)
@@ -211,9 +228,7 @@ class Census:
             lines += ["", text_table(headers, rows)]
         if self.lints:
             lines += ["", "lints:"]
-            lines += [
-                f"  [{x.severity}] {x.code} at {x.node}: {x.message}" for x in self.lints
-            ]
+            lines += [f"  {lint_line(lint, nodes)}" for lint, nodes in lint_groups(self.lints)]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
