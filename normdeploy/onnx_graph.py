@@ -357,7 +357,7 @@ class GraphIndex:
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     declared: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
-    # Shapes derived by inference (:func:`inferred_value_infos`); preferred over declared ones.
+    # Shapes derived by inference (:func:`inferred_value_infos`): preferred to declared ones.
     inferred: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict, init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict, init=False)
@@ -491,20 +491,13 @@ class GraphIndex:
         )
 
     def shape(self, value: str) -> tuple[int | str | None, ...] | None:
-        """The shape of a value: inferred, completed dim by dim from the declared one (a
-        declared number or name fills an inferred unknown); an initializer's dims; None when
+        """The shape of a value: inferred from the graph when :attr:`inferred` has it (a
+        declaration may be stale), else declared, else an initializer's dims; None when
         unknown."""
-        inferred = value_shape(self.inferred[value]) if value in self.inferred else None
-        declared = value_shape(self.declared[value]) if value in self.declared else None
-        if inferred is not None and declared is not None and len(inferred) == len(declared):
-            return tuple(
-                i if isinstance(i, int) or d is None else d
-                for i, d in zip(inferred, declared, strict=True)
-            )
-        if inferred is not None:
-            return inferred
-        if declared is not None:
-            return declared
+        for source in (self.inferred, self.declared):
+            vi = source.get(value)
+            if vi is not None and (found := value_shape(vi)) is not None:
+                return found
         if value in self.init:
             return tuple(int(d) for d in self.init[value].dims)
         return None
