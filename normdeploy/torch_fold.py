@@ -131,6 +131,18 @@ def _scale_shift(
     )  # fmt: skip
 
 
+def _like(
+    new_w: np.ndarray, new_b: np.ndarray, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded float64 values cast once to the parameters' device and dtype (the weight's for
+    a bias that did not exist)."""
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return (
+        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
+        torch.from_numpy(new_b).to(device=weight.device, dtype=bias_dtype),
+    )
+
+
 def fold_bn_into_weights(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -163,11 +175,7 @@ def fold_bn_into_weights(
     new_w, new_b = fold_into_producer(
         w, None if bias is None else _f64(bias, c_out, 0.0), s, t, layout, group=groups
     )
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return (
-        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
-        torch.from_numpy(new_b).to(device=weight.device, dtype=bias_dtype),
-    )
+    return _like(new_w, new_b, weight, bias)
 
 
 def fold_bn_into_following_weights(
@@ -199,11 +207,7 @@ def fold_bn_into_following_weights(
     else:
         new_w, delta = scale_conv_input_channels(w, s, t, groups)
     base = np.zeros(w.shape[0]) if bias is None else _f64(bias, w.shape[0], 0.0)
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return (
-        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
-        torch.from_numpy(base + delta).to(device=weight.device, dtype=bias_dtype),
-    )
+    return _like(new_w, base + delta, weight, bias)
 
 
 @dataclass(frozen=True)

@@ -260,30 +260,9 @@ def test_reference_models_exported_without_folding(name, tmp_path) -> None:
 
 
 def _bn_behind_shape_ops(kind: str):
-    """Replicas of two real blocks whose BatchNorm1d sits behind shape-only ops: timm LeViT's
-    LinearNorm (Linear → flatten(0, 1) → BN → reshape_as) and a token MLP (Linear →
-    transpose(1, 2) → BN → transpose(1, 2)), with statistics far from identity."""
+    """A LeViT or token-MLP block (tests/blocks.py) with statistics far from identity."""
     import torch
-    from torch import nn
-
-    class LinearNorm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.linear = nn.Linear(16, 32, bias=False)
-            self.bn = nn.BatchNorm1d(32)
-
-        def forward(self, x):
-            x = self.linear(x)
-            return self.bn(x.flatten(0, 1)).reshape_as(x)
-
-    class TokenMLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(16, 32)
-            self.bn = nn.BatchNorm1d(32)
-
-        def forward(self, x):
-            return self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2)
+    from blocks import LinearNorm, TokenMLP
 
     torch.manual_seed(0)
     module = {"levit": LinearNorm, "token_mlp": TokenMLP}[kind]().eval()

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from blocks import LinearNorm, TokenMLP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -459,31 +460,6 @@ def test_model_handed_over_in_train_mode_folds_for_eval_and_is_left_alone() -> N
 # through shape-only calls, and into the module that follows
 
 
-class _LinearNorm(nn.Module):
-    """timm LeViT's LinearNorm: Linear → flatten(0, 1) → BatchNorm1d → reshape_as."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = nn.Linear(16, 32, bias=False)
-        self.bn = nn.BatchNorm1d(32)
-
-    def forward(self, x):
-        x = self.linear(x)
-        return self.bn(x.flatten(0, 1)).reshape_as(x)
-
-
-class _TokenMLP(nn.Module):
-    """Linear → transpose(1, 2) → BatchNorm1d → transpose(1, 2)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = nn.Linear(16, 32)
-        self.bn = nn.BatchNorm1d(32)
-
-    def forward(self, x):
-        return self.bn(self.fc(x).transpose(1, 2)).transpose(1, 2)
-
-
 class _ChannelsLastConv(nn.Module):
     """Conv2d → permute to NHWC → tokens (N·H·W, C) → BatchNorm1d."""
 
@@ -509,8 +485,8 @@ class _BnTransposeLinear(nn.Module):
 
 
 FOLDS_THROUGH = {  # model, input shape, the module it folds into, direction, the calls between
-    "levit_linear_norm": (_LinearNorm, (2, 7, 16), "linear", "preceding", "flatten"),
-    "token_mlp": (_TokenMLP, (2, 7, 16), "fc", "preceding", "transpose"),
+    "levit_linear_norm": (LinearNorm, (2, 7, 16), "linear", "preceding", "flatten"),
+    "token_mlp": (TokenMLP, (2, 7, 16), "fc", "preceding", "transpose"),
     "channels_last_conv": (_ChannelsLastConv, (2, 3, 6, 6), "conv", "preceding", "permute"),
     "bn_then_unpadded_conv": (
         lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride=2)),
@@ -579,7 +555,7 @@ KEPT = {  # model, input shape, example inputs given, reason
         _TokensIntoChannels, (2, 2, 4, 16), True, "merges or splits the channel axis",
     ),
     "transpose_without_example_inputs": (
-        _TokenMLP, (2, 7, 16), False, "no shapes; pass example_inputs",
+        TokenMLP, (2, 7, 16), False, "no shapes; pass example_inputs",
     ),
     "following_linear_reads_the_other_axis": (
         _BnOverTokens, (2, 8, 8), True, "following: the BatchNorm1d's channel axis is axis 1",
