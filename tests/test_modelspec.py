@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
-from normdeploy.modelspec import parse_shape, reference_registry, resolve_model
+from normdeploy.modelspec import (
+    parse_shape,
+    reference_models_dir,
+    reference_registry,
+    resolve_model,
+)
 
 FACTORIES = textwrap.dedent(
     """
@@ -189,17 +194,19 @@ def test_user_packages_named_models_and_cli_are_theirs_from_the_checkouts_cli(tm
     assert "conv_bn_relu" in [m["name"] for m in json.loads(listed.stdout)["models"]]
 
 
-def test_an_installation_without_the_checkout_says_where_the_reference_models_are(tmp_path):
-    """The package alone (as a wheel installs it, without models/) answers in one line."""
+def test_an_installation_without_the_checkout_has_no_reference_models(tmp_path):
+    """The package alone, as a wheel installs it (no models/ or pyproject.toml beside it), is
+    recognised as such; a stray top-level models/ package next to it is not taken for ours."""
     shutil.copytree(ROOT / "normdeploy", tmp_path / "site" / "normdeploy")
+    (tmp_path / "site" / "models").mkdir()
+    (tmp_path / "site" / "models" / "__init__.py").write_text("")
     code = (
-        "import sys; sys.path.insert(0, 'site'); from normdeploy.cli import main; "
-        "sys.exit(main(['export', 'conv_bn_relu', '-o', 'x.onnx']))"
+        "import sys; sys.path.insert(0, 'site'); "
+        "from normdeploy.modelspec import reference_models_dir; print(reference_models_dir())"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
-    assert proc.returncode == 2
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "models/" in proc.stderr and "python cli.py from the checkout" in proc.stderr
-    assert not (tmp_path / "x.onnx").exists()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "None"
+    assert reference_models_dir() == ROOT / "models"  # this checkout has them
