@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from normdeploy.passes.axis_map import ShapeStep, source_axis, target_axis, trace_back
+from normdeploy.passes.axis_map import (
+    ShapeStep,
+    source_axis,
+    target_axis,
+    trace_back,
+    trace_forward,
+)
 
 
 def _coordinate_along(shape: tuple[int, ...], axis: int) -> np.ndarray:
@@ -78,3 +84,13 @@ def test_permutations_compose_and_invert() -> None:
     assert trace_back(steps, 1).axis == 1  # the BN channel is the conv channel
     assert trace_back(steps, 2).axis is None  # the 16 tokens are H and W merged
     assert target_axis(steps[0], 1).axis == 3
+
+
+def test_a_merge_then_a_split_back_keeps_the_axis() -> None:
+    steps = [
+        ShapeStep("Reshape a", (2, 7, 32), (2, 224)),
+        ShapeStep("Reshape b", (2, 224), (2, 7, 32)),
+    ]
+    assert source_axis(steps[1], 2).axis is None  # one step alone cannot see it
+    assert trace_back(steps, 2).axis == 2
+    assert trace_forward(steps, 2).axis == 2

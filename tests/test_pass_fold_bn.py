@@ -406,6 +406,17 @@ SHAPE_CHAIN_KEPT = {  # graph, constants, ledger reason
         {"W": w(16, 32), **bn_params(32)},
         "has no fixed size",
     ),
+    "bn_input_shape_read": (  # the BN input takes the BN output's name: no reader may stay
+        """G (float[N,7,16] X) => (float[?,32] Y) {
+            M = MatMul (X, W)
+            R = Reshape (M, s)
+            B = BatchNormalization (R, g, b, m, v)
+            S = Shape (R)
+            Y = Reshape (B, S)
+        }""",
+        {"W": w(16, 32), "s": np.array([-1, 32], np.int64), **bn_params(32)},
+        "'R' has 2 readers",
+    ),
     "reshape_output_read_twice": (
         """G (float[N,7,16] X) => (float[N,32] Y, float[N,32] Z) {
             M = MatMul (X, W)

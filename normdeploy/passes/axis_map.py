@@ -143,10 +143,23 @@ def target_axis(step: ShapeStep, in_axis: int) -> AxisMap:
     return _flat_order_match(step.in_shape, step.out_shape, in_axis, step.label, "input")
 
 
+def coalesce(steps: Sequence[ShapeStep]) -> list[ShapeStep]:
+    """Consecutive flat-order steps as one: a merge then a split back keeps an axis that each
+    step alone would mix (``(b, t, f) → (b, t·f) → (b, t, f)``)."""
+    out: list[ShapeStep] = []
+    for step in steps:
+        last = out[-1] if out else None
+        if last is not None and last.perm is None and step.perm is None:
+            out[-1] = ShapeStep(f"{last.label}, {step.label}", last.in_shape, step.out_shape)
+        else:
+            out.append(step)
+    return out
+
+
 def trace_back(steps: Sequence[ShapeStep], axis: int) -> AxisMap:
     """The axis at the start of ``steps`` (ordered producer → BatchNorm) that ``axis`` of the
     last step's output exactly is."""
-    for step in reversed(steps):
+    for step in reversed(coalesce(steps)):
         found = source_axis(step, axis)
         if found.axis is None:
             return found
@@ -157,7 +170,7 @@ def trace_back(steps: Sequence[ShapeStep], axis: int) -> AxisMap:
 def trace_forward(steps: Sequence[ShapeStep], axis: int) -> AxisMap:
     """The axis of the last step's output (``steps`` ordered BatchNorm → consumer) that
     ``axis`` of the first step's input exactly becomes."""
-    for step in steps:
+    for step in coalesce(steps):
         found = target_axis(step, axis)
         if found.axis is None:
             return found

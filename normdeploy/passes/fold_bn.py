@@ -352,15 +352,22 @@ def _chain_up(
     index: GraphIndex, bn: onnx.NodeProto
 ) -> tuple[list[onnx.NodeProto], str, onnx.NodeProto]:
     """Shape-only ops feeding the BN (ordered producer → BN), the value entering them, and that
-    value's reader; each link is read by the next alone."""
+    value's reader; each link is read by the next alone.
+
+    The BN's own input takes the BN output's name after the fold, so nothing else may read it,
+    not even its shape; values further up keep their names and shapes, so a Shape/Size reader
+    there (reshape_as) sees what it saw before.
+    """
     chain: list[onnx.NodeProto] = []
     value, reader = bn.input[0], bn
+    if (why := index.sole_reader(value, reader)) is not None:
+        raise _Skip(f"preceding: {why}")
     node = index.producer.get(value)
     while node is not None and _is_shape_only(node) and node.output[0] == value:
-        if (why := index.sole_reader(value, reader, shape_reads=True)) is not None:
-            raise _Skip(f"preceding: {why}")
         chain.insert(0, node)
         value, reader = node.input[0], node
+        if (why := index.sole_reader(value, reader, shape_reads=True)) is not None:
+            raise _Skip(f"preceding: {why}")
         node = index.producer.get(value)
     return chain, value, reader
 
@@ -395,13 +402,10 @@ def _require_feature_axis(op: str, axis: int, rank: int, feature: int, side: str
 def _plan_preceding(
     index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray
 ) -> _Plan:
-    chain, x, reader = _chain_up(index, bn)
+    chain, x, _ = _chain_up(index, bn)
     node = index.producer.get(x)
     if node is None:
         raise _Skip("preceding: input is not produced by a node")
-    # The fold scales the producer's output: a reader of its shape alone (reshape_as) is fine.
-    if (why := index.sole_reader(x, reader, shape_reads=True)) is not None:
-        raise _Skip(f"preceding: {why}")
     add_node: onnx.NodeProto | None = None
     add_slot, add_const = 0, np.zeros(())
     if node.op_type == "Add" and in_default_domain(node):
