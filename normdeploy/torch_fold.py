@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BnFoldEntry",
     "ModuleFoldResult",
+    "fold_bn_into_following_weights",
     "fold_bn_into_weights",
     "fold_bn_module",
     "fold_bn_module_with_ledger",
@@ -389,7 +390,8 @@ def fold_bn_module_with_ledger(
     """Fold every provably foldable BatchNorm in a deep copy of ``module``; never touch ``module``.
 
     ``example_inputs`` (a tensor or a tuple of positional inputs) lets BatchNorm1d pairs be proved by
-    the rank of the tensor BatchNorm actually sees; without it they are skipped with a reason.
+    the rank of the tensor BatchNorm actually sees, and folds through shape-only calls by the
+    shapes they produce; without it those are skipped with a reason.
     """
     work = _deep_copy(module)
     # Mode as handed over. The result always has eval semantics (running statistics), which
