@@ -7,7 +7,7 @@ the identity, so folding and export are tested on numbers that can go wrong.
 
 from __future__ import annotations
 
-from models import cnn, norms, transformer  # noqa: F401  (registration side effect)
-from models._registry import REGISTRY, ReferenceModel, get, names, register
+from . import cnn, norms, transformer  # noqa: F401  (registration side effect)
+from ._registry import REGISTRY, ReferenceModel, get, names, register
 
 __all__ = ["REGISTRY", "ReferenceModel", "get", "names", "register"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from models._registry import calibrate, register
+from ._registry import calibrate, register
 
 D_MODEL, HEADS, SEQ = 64, 4, 16
 

@@ -3,16 +3,26 @@
 MODEL is a reference model name (from the checkout's ``models/`` package) or an import path
 ``package.module:factory``; the factory returns a module, or ``(module, example_inputs)``.
 Import paths come only from the MODEL argument; weights load with ``weights_only=True`` only.
+
+``package.module`` is imported with the current directory first on ``sys.path`` (as
+``python -m`` does), so a user's own ``models`` or ``cli`` package is theirs even when
+``python /path/to/checkout/cli.py`` puts the checkout first. Reference names resolve from *this*
+checkout's ``models/`` by its location, loaded under a private module name, so a user's package
+named ``models`` never shadows ours and ours never shadows theirs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.util
 import os
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
@@ -48,18 +58,68 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def reference_registry() -> Any:
-    """The checkout's ``models`` package, or ModelSpecError when it is not importable."""
-    try:
-        return importlib.import_module("models")
-    except ImportError as exc:
+# The reference models' module name: private, so it neither shadows nor is shadowed by a
+# user's package named ``models``.
+REFERENCE_MODULE = "_normdeploy_reference_models"
+
+
+def reference_models_dir() -> Path | None:
+    """The checkout's ``models/`` folder next to the ``normdeploy`` package, or None when this
+    normdeploy is installed without its checkout (models/ is not part of the wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    folder = root / "models"
+    ours = (folder / "_registry.py").is_file() and (root / "pyproject.toml").is_file()
+    return folder if ours else None
+
+
+def reference_registry() -> ModuleType:
+    """The checkout's ``models`` package, loaded by location under :data:`REFERENCE_MODULE`;
+    ModelSpecError when this installation has no checkout next to it."""
+    loaded = sys.modules.get(REFERENCE_MODULE)
+    if loaded is not None:
+        return loaded
+    folder = reference_models_dir()
+    if folder is None:
         raise ModelSpecError(
-            "reference models need the normdeploy checkout's models/ package on the path "
-            f"(run from the checkout, or pass package.module:factory): {exc}"
-        ) from None
+            "reference models live in the normdeploy checkout's models/, which is not "
+            "installed with the package: run python cli.py from the checkout (or pip install "
+            "-e it), or pass MODEL as package.module:factory"
+        )
+    spec = importlib.util.spec_from_file_location(
+        REFERENCE_MODULE, folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[REFERENCE_MODULE] = module  # before running it: its relative imports need it
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[REFERENCE_MODULE]
+        raise
+    return module
+
+
+@contextlib.contextmanager
+def _current_directory_first() -> Iterator[None]:
+    """The current directory first on ``sys.path`` for a user import, as ``python -m`` does."""
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    importlib.invalidate_caches()
+    try:
+        yield
+    finally:
+        if sys.path and sys.path[0] == cwd:
+            del sys.path[0]
+        elif cwd in sys.path:
+            sys.path.remove(cwd)
 
 
 def _call_factory(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
+    with _current_directory_first():
+        return _import_and_call(spec)
+
+
+def _import_and_call(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
     mod_name, _, attr_path = spec.partition(":")
     try:
         mod = importlib.import_module(mod_name)

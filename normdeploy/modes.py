@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from normdeploy.errors import first_line
-from normdeploy.report import fmt_num
+from normdeploy.report import fmt_num, name_list
 from normdeploy.verification.runners import module_outputs
 
 if TYPE_CHECKING:
@@ -35,9 +35,7 @@ class TrainModeReport:
         """One line; ``action`` says what was done in eval mode despite a train-mode module."""
         if not self.was_training:
             return "module was in eval mode"
-        names = ", ".join(self.training_modules[:6])
-        more = len(self.training_modules) - 6
-        names += f" (+{more} more)" if more > 0 else ""
+        names = name_list(self.training_modules, limit=6)
         diff = fmt_num(self.max_abs_train_minus_eval)
         text = (
             f"module was in TRAIN mode ({len(self.training_modules)} submodules training: "

@@ -231,19 +231,89 @@ def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def elem_types(model: onnx.ModelProto, *, infer: bool = True) -> dict[str, str]:
-    """Value name → dtype name, from declared and (best effort, small models) inferred types."""
+# Initializers and Constant nodes up to this many elements keep their values in the skeleton that
+# shape inference runs on (shape constants for Reshape/Unsqueeze); larger ones become typed inputs.
+SKELETON_MAX_ELEMENTS = 64
+
+
+def _typed_input(name: str, elem_type: int, dims: Sequence[int]) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, elem_type, list(dims))
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without weight data and without declared intermediate shapes: what shape
+    inference needs to derive every shape from the graph inputs and the ops alone."""
+    g = model.graph
+    sk = onnx.ModelProto()
+    sk.ir_version = model.ir_version
+    sk.opset_import.extend(model.opset_import)
+    sk.functions.extend(model.functions)
+    sg = sk.graph
+    sg.name = g.name
+    names: set[str] = set()
+    for t in g.initializer:
+        names.add(t.name)
+        if int(np.prod(t.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS and not is_external(
+            t
+        ):
+            sg.initializer.append(t)
+        else:
+            sg.input.append(_typed_input(t.name, t.data_type, t.dims))
+    for st in g.sparse_initializer:
+        names.add(st.values.name)
+        sg.input.append(_typed_input(st.values.name, st.values.data_type, st.dims))
+    sg.input.extend(vi for vi in g.input if vi.name not in names)
+    for node in g.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if (
+            node.op_type == "Constant"
+            and in_default_domain(node)
+            and value is not None
+            and int(np.prod(value.dims, dtype=np.int64)) > SKELETON_MAX_ELEMENTS
+        ):
+            sg.input.append(_typed_input(node.output[0], value.data_type, value.dims))
+            continue
+        sg.node.append(node)
+    for vi in g.output:
+        out = sg.output.add()
+        out.CopyFrom(vi)
+        out.type.tensor_type.ClearField("shape")
+    return sk
+
+
+def inferred_value_infos(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
+    """Types and shapes of the main graph's values as onnx shape inference (with data
+    propagation) derives them from the graph inputs and the ops; best effort, {} on failure.
+
+    Runs on a skeleton (:func:`_skeleton`): no weight data is copied, and value_info declared in
+    the file is not trusted, so a shape here is one the graph itself implies.
+    """
+    try:
+        inferred = onnx.shape_inference.infer_shapes(
+            _skeleton(model), strict_mode=False, data_prop=True
+        )
+    except Exception:  # inference is best effort on arbitrary files
+        return {}
+    g = inferred.graph
+    return {vi.name: vi for vi in (*g.value_info, *g.output)}
+
+
+def elem_types(
+    model: onnx.ModelProto,
+    *,
+    infer: bool = True,
+    inferred: dict[str, onnx.ValueInfoProto] | None = None,
+) -> dict[str, str]:
+    """Value name → dtype name, from declared and (best effort) inferred types."""
     infos: list[onnx.ValueInfoProto] = [
         *model.graph.input,
         *model.graph.output,
         *model.graph.value_info,
     ]
-    if infer and model.ByteSize() < 2**30:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-            infos += list(inferred.graph.value_info)
-        except Exception:  # inference is best effort on arbitrary files
-            pass
+    if infer:
+        infos += list(
+            (inferred if inferred is not None else inferred_value_infos(model)).values()
+        )
     types: dict[str, str] = {}
     for vi in infos:
         et = vi.type.tensor_type.elem_type
@@ -271,6 +341,7 @@ _RANK_KEEPING = frozenset(
 )  # fmt: skip
 _BROADCASTING = frozenset(("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Where"))
 _MAX_RANK_DEPTH = 64
+SHAPE_READERS = ("Shape", "Size")  # ops that read a value's shape, never its elements
 
 
 @dataclass
@@ -286,6 +357,8 @@ class GraphIndex:
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
     declared: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
+    # Shapes derived by inference (:func:`inferred_value_infos`): preferred to declared ones.
+    inferred: dict[str, onnx.ValueInfoProto] = field(default_factory=dict)
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict, init=False)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict, init=False)
     subgraph_uses: set[str] = field(default_factory=set, init=False)
@@ -388,11 +461,21 @@ class GraphIndex:
             name = node.input[0]
         return None
 
-    def sole_reader(self, value: str, user: onnx.NodeProto) -> str | None:
-        """None if ``user`` is the only reader of ``value``; else why it is not."""
+    def sole_reader(
+        self, value: str, user: onnx.NodeProto, *, shape_reads: bool = False
+    ) -> str | None:
+        """None if ``user`` is the only reader of ``value``; else why it is not.
+
+        ``shape_reads=True`` also allows readers that see only the shape (Shape, Size): a
+        rewrite that changes the values but not the shape leaves them as they were.
+        """
         if value in self.graph_outputs:
             return f"'{value}' is a graph output"
         users = self.consumers.get(value, [])
+        if shape_reads:
+            users = [
+                u for u in users if not (u.op_type in SHAPE_READERS and in_default_domain(u))
+            ]
         if len(users) != 1 or users[0] is not user:
             return f"'{value}' has {len(users)} readers"
         if value in self.subgraph_uses:
@@ -408,12 +491,13 @@ class GraphIndex:
         )
 
     def shape(self, value: str) -> tuple[int | str | None, ...] | None:
-        """The declared shape of a value (or an initializer's dims), None when unknown."""
-        vi = self.declared.get(value)
-        if vi is not None:
-            declared = value_shape(vi)
-            if declared is not None:
-                return declared
+        """The shape of a value: inferred from the graph when :attr:`inferred` has it (a
+        declaration may be stale), else declared, else an initializer's dims; None when
+        unknown."""
+        for source in (self.inferred, self.declared):
+            vi = source.get(value)
+            if vi is not None and (found := value_shape(vi)) is not None:
+                return found
         if value in self.init:
             return tuple(int(d) for d in self.init[value].dims)
         return None

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
+from normdeploy.census.results import lint_groups, lint_line
 from normdeploy.errors import NormdeployError, OutputPathError
 from normdeploy.io import check_output_path, save_onnx, write_text_atomic
 from normdeploy.progress import Progress
-from normdeploy.report import fmt_num, markdown_table, render, text_table
+from normdeploy.report import fmt_num, markdown_table, name_list, render, text_table
 from normdeploy.verification.runners import provider_alias
 
 if TYPE_CHECKING:
@@ -91,7 +93,8 @@ class DeployResult:
         return () if self.verification is None else tuple(self.verification.providers)
 
     def advice(self) -> list[str]:
-        """What a reader should do about anything flagged, in plain words."""
+        """What a reader should do about anything flagged, in plain words; each thing once,
+        with how many modules or nodes it concerns."""
         tips: list[str] = []
         if self.error:
             tips.append(f"{self.failed_stage} failed: {self.error}")
@@ -102,30 +105,17 @@ class DeployResult:
                     "The model was handed over in train mode; it was exported in eval mode. "
                     f"{train.summary()}. Call model.eval() before comparing outputs yourself."
                 )
-            for e in self.export.census.entries:
-                if e.representation == "InstanceNormalization+Reshape":
-                    tips.append(
-                        f"GroupNorm `{e.module_path}` uses the InstanceNormalization+Reshape "
-                        f"construction at opset {self.export.opset}; opset 21 gives a native "
-                        "GroupNormalization op, which measured slower on onnxruntime CPU "
-                        "(BENCHMARKS.md). Keep it unless your runtime has a fused GroupNorm."
-                    )
-                if e.representation == "decomposition" and e.kind == "LayerNorm":
-                    tips.append(
-                        f"LayerNorm `{e.module_path}` is decomposed into elementwise ops; "
-                        "export at opset >= 17 for a native LayerNormalization "
-                        "(fewer kernels, no fp16 overflow in Pow/ReduceMean)."
-                    )
+            tips += self._representation_tips()
             tips.extend(
-                f"[{lint.severity}] {lint.code} at {lint.node}: {lint.message}"
-                for lint in self.export.census.lints
+                lint_line(lint, [f"`{n}`" for n in nodes])
+                for lint, nodes in lint_groups(self.export.census.lints)
             )
         if self.fold is not None:
             kept: dict[str, list[str]] = {}
             for entry in self.fold.skipped:
                 kept.setdefault(entry.reason, []).append(f"`{entry.node}`")
             tips.extend(
-                f"{len(nodes)} BatchNormalization kept ({reason}): {', '.join(nodes)}. Each "
+                f"{len(nodes)} BatchNormalization kept ({reason}): {name_list(nodes)}. Each "
                 "costs a separate pass at run time; folding needs constant statistics and a "
                 "Conv/ConvTranspose/Gemm/MatMul neighbour whose output it alone reads."
                 for reason, nodes in kept.items()
@@ -135,6 +125,39 @@ class DeployResult:
                 "onnxruntime disagrees with PyTorch eval: "
                 + (self.verification.diagnosis or "see the comparison table")
             )
+        return tips
+
+    def _representation_tips(self) -> list[str]:
+        """One tip per norm representation worth changing, naming the modules it concerns."""
+        assert self.export is not None
+        groups: dict[tuple[str, str], list[str]] = {}
+        for e in self.export.census.entries:
+            groups.setdefault((e.kind, e.representation), []).append(f"`{e.module_path}`")
+        opset = self.export.opset
+        tips = []
+        for (kind, rep), paths in groups.items():
+            many = len(paths) > 1
+            what = f"{len(paths)} {kind} module{'s' if many else ''} ({name_list(paths)})"
+            use, are = ("use", "are") if many else ("uses", "is")
+            if rep == GROUPNORM_TRICK:
+                tips.append(
+                    f"{what} {use} the InstanceNormalization+Reshape construction at opset "
+                    f"{opset}; opset 21 gives a native GroupNormalization op, which measured "
+                    "slower on onnxruntime CPU (BENCHMARKS.md). Keep it unless your runtime "
+                    "has a fused GroupNorm."
+                )
+            elif rep == DECOMPOSITION and kind == "LayerNorm":
+                tips.append(
+                    f"{what} {are} decomposed into elementwise ops; export at opset >= 17 for a "
+                    "native LayerNormalization (fewer kernels, no fp16 overflow in "
+                    "Pow/ReduceMean)."
+                )
+            elif rep == DECOMPOSITION and kind == "RMSNorm":
+                tips.append(
+                    f"{what} {are} decomposed into elementwise ops; opset 23 has a native "
+                    "RMSNormalization (onnxruntime 1.32 runs it), for runtimes with a fused "
+                    "kernel and fp16 safety."
+                )
         return tips
 
     def summary_row(self) -> list[str]:
@@ -321,7 +344,7 @@ def deploy(
     batch_sizes = validate_batch_sizes(batch_sizes)  # bad arguments fail before any work
     choice = resolve_providers(providers)
     for note in choice.notes:
-        progress.note(note)
+        progress.note_once(note)  # once per run, however many models deploy_many deploys
     out.mkdir(exist_ok=True)
     final = check_output_path(out / MODEL_FILE, overwrite=overwrite)
     for name in (JSON_FILE, MD_FILE):

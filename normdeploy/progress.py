@@ -21,6 +21,7 @@ class Progress:
     enabled: bool = True
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     _console: Any = field(default=None, init=False, repr=False)
+    _said: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.enabled and self.stream.isatty():
@@ -34,6 +35,12 @@ class Progress:
                 self._console.print(message, markup=False, highlight=False)
             else:
                 print(message, file=self.stream, flush=True)
+
+    def note_once(self, message: str) -> None:
+        """:meth:`note`, unless this progress already said exactly that."""
+        if message not in self._said:
+            self._said.add(message)
+            self.note(message)
 
     @contextlib.contextmanager
     def stage(

@@ -1,4 +1,4 @@
-"""NumPy oracles for the four normalizations, written from their formulas in float64.
+"""NumPy oracles for the five normalizations, written from their formulas in float64.
 
 These are the independent reference the tests and ``inspect``'s numerical confirmation compare
 against. Layout is channels-first: ``x`` has shape (N, C, *spatial) for batch, group and instance
@@ -9,6 +9,7 @@ norm; layer norm normalizes the trailing ``len(normalized_shape)`` dimensions.
     LayerNorm:             mean, var over the trailing dims
     GroupNorm:             channels split into G groups; mean, var over (C/G, *spatial) per sample
     InstanceNorm:          mean, var over (*spatial) per sample and channel
+    RMSNorm:               y = x / sqrt(mean(x²) + eps) * gamma, mean over the trailing dims
 """
 
 from __future__ import annotations
@@ -94,6 +95,30 @@ def layer_norm(
     return y
 
 
+def rms_norm(
+    x: Array,
+    normalized_shape: Sequence[int] | int,
+    weight: Array | None = None,
+    eps: float | None = None,
+) -> Array:
+    """RMSNorm over the trailing dims given by ``normalized_shape`` (no mean subtraction).
+
+    ``eps=None`` is PyTorch's default: the machine epsilon of ``x``'s own float dtype.
+    """
+    x = np.asarray(x)
+    if eps is None:
+        eps = float(np.finfo(x.dtype if x.dtype.kind == "f" else np.float32).eps)
+    x = x.astype(np.float64)
+    ns = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+    if tuple(x.shape[-len(ns) :]) != ns:
+        raise ValueError(f"input shape {x.shape} does not end with normalized_shape {ns}")
+    axes = tuple(range(x.ndim - len(ns), x.ndim))
+    y = x / np.sqrt((x * x).mean(axis=axes, keepdims=True) + eps)
+    if weight is not None:
+        y = y * np.asarray(weight, np.float64).reshape(ns)
+    return y
+
+
 def group_norm(
     x: Array,
     num_groups: int,
@@ -134,14 +159,17 @@ def instance_norm(
     return _affine((x - mean) / np.sqrt(var + eps), weight, bias, _channel_shape(x))
 
 
-NORM_KINDS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm")
+NORM_KINDS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm")
 
 
 def norm_kind(module: object) -> str | None:
-    """'BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm' for torch norm modules, else None."""
+    """'BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm', 'RMSNorm' for torch norm modules
+    (RMSNorm also for hand-written classes named ``…RMSNorm``, like LlamaRMSNorm), else None."""
     name = type(module).__name__
     for base in type(module).__mro__:
         bname = base.__name__
+        if bname.lower().endswith("rmsnorm"):
+            return "RMSNorm"
         if bname.startswith("_BatchNorm") or bname.startswith("BatchNorm"):
             return "BatchNorm"
         if bname.startswith("_InstanceNorm") or bname.startswith("InstanceNorm"):
@@ -188,4 +216,21 @@ def module_oracle(module: torch.nn.Module, x: Array) -> Array:
         else:
             y = instance_norm(xb, w, b, inorm.eps)
         return y[0] if unbatched else y
+    if kind == "RMSNorm":
+        return _rms_oracle(module, x)
     raise TypeError(f"no numpy oracle for {type(module).__name__}")
+
+
+def _rms_oracle(module: torch.nn.Module, x: Array) -> Array:
+    """nn.RMSNorm, or a hand-written RMSNorm with ``weight`` and ``eps``/``variance_epsilon``
+    (the Hugging Face spelling) over the trailing dims its weight spans."""
+    w = _param(module, "weight")
+    if not hasattr(module, "eps") and not hasattr(module, "variance_epsilon"):
+        raise TypeError(f"{type(module).__name__} has no eps or variance_epsilon attribute")
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = getattr(module, "variance_epsilon", None)
+    shape = getattr(module, "normalized_shape", None)
+    if shape is None:
+        shape = w.shape if w is not None else np.asarray(x).shape[-1:]
+    return rms_norm(x, tuple(shape), w, None if eps is None else float(eps))

@@ -36,6 +36,13 @@ def fmt_num(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits - 1}e}"
 
 
+def name_list(names: Sequence[str], limit: int = 3) -> str:
+    """'a, b, c (+7 more)': at most ``limit`` names, then how many were left out."""
+    shown = ", ".join(names[:limit])
+    more = len(names) - limit
+    return shown + (f" (+{more} more)" if more > 0 else "")
+
+
 def text_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain aligned table for terminals and logs."""
     cells = [[str(h) for h in headers]] + [

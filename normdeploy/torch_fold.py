@@ -1,11 +1,17 @@
-"""Fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear module that feeds it, with torch.fx.
+"""Fold eval-mode BatchNorm into the Conv/ConvTranspose/Linear module next to it, with torch.fx.
 
 A BatchNorm that reads only the output of a producer (weight W, bias b, 0 when absent) folds into
 it as ``W' = W·s`` along the producer's output channels and ``b' = b·s + t``, with
 ``(s, t)`` from the running statistics and affine parameters (1 and 0 when ``affine=False``).
-The formula and the weight layouts (Linear as Conv's axis 0, ConvTranspose's axis 1 within each
-group) are :mod:`normdeploy.passes.fold_math`'s, shared with the ONNX pass; the arithmetic runs
-in float64 and is cast once to the parameter dtype.
+A BatchNorm whose output only an unpadded Conv or a Linear reads (along its input features)
+folds into that *following* module instead: its weight scales along the input channels and its
+bias gains ``Σ W·t`` (a padded Conv would see zeros at its borders, not the shift ``t``). Both
+directions also fold through ``transpose/permute/reshape/view/flatten/squeeze/unsqueeze`` calls
+(and nn.Flatten/nn.Unflatten) when the shapes the example inputs produce prove that the
+BatchNorm's channel axis is exactly the neighbour's feature axis
+(:mod:`normdeploy.passes.axis_map`). The formula and the weight layouts (Linear as Conv's axis 0,
+ConvTranspose's axis 1 within each group) are :mod:`normdeploy.passes.fold_math`'s, shared with
+the ONNX pass; the arithmetic runs in float64 and is cast once to the parameter dtype.
 
 The pass works on a deep copy (the caller's module, its mode and its statistics are left alone):
 torch.fx traces the copy to find producer → BatchNorm pairs anywhere in the forward code, each pair is
@@ -33,7 +39,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from normdeploy.errors import InvalidArgumentError
-from normdeploy.passes.fold_math import bn_scale_shift, fold_into_producer, output_channels
+from normdeploy.passes.axis_map import ShapeStep, trace_back, trace_forward
+from normdeploy.passes.fold_math import (
+    bn_scale_shift,
+    fold_into_producer,
+    output_channels,
+    scale_conv_input_channels,
+    scale_gemm_input_features,
+)
 from normdeploy.report import markdown_table, text_table
 
 logger = logging.getLogger(__name__)
@@ -41,6 +54,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BnFoldEntry",
     "ModuleFoldResult",
+    "fold_bn_into_following_weights",
     "fold_bn_into_weights",
     "fold_bn_module",
     "fold_bn_module_with_ledger",
@@ -69,10 +83,65 @@ _PRODUCERS: dict[type[nn.Module], _ProducerLayout] = {
     nn.ConvTranspose3d: _ProducerLayout(3, transposed=True),
 }
 _Producer = nn.Linear | nn.modules.conv._ConvNd
+# Modules a BatchNorm before them folds into: scaling input channels needs zero padding and no
+# transposed layout.
+_CONSUMERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Calls that only regroup or reorder a tensor's elements (shape-only).
+_SHAPE_METHODS = frozenset(
+    ("transpose", "permute", "reshape", "view", "flatten", "squeeze", "unsqueeze",
+     "reshape_as", "view_as", "contiguous", "swapaxes", "swapdims")
+)  # fmt: skip
+_SHAPE_FUNCTIONS = (
+    torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze,
+    torch.unsqueeze, torch.swapaxes, torch.swapdims,
+)  # fmt: skip
+_SHAPE_MODULES = (nn.Flatten, nn.Unflatten)
+# Calls that read only a tensor's shape: a fold that changes its values leaves them alone.
+_SHAPE_TEMPLATES = frozenset(("reshape_as", "view_as", "expand_as", "size", "dim"))
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # BatchNorm2d/3d reject any other input rank, so their rank is known without running the model.
 _FIXED_RANK: dict[type[nn.Module], int] = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 _FUNCTIONAL_BN = (F.batch_norm, torch.batch_norm)
+
+
+def _f64(t: torch.Tensor | None, n: int, default: float) -> np.ndarray:
+    """A BatchNorm parameter as n float64 values (``default`` when absent)."""
+    if t is None:
+        return np.full(n, default, np.float64)
+    if t.numel() != n:
+        raise InvalidArgumentError(f"BatchNorm parameter has {t.numel()} elements, not {n}")
+    return t.detach().to("cpu", torch.float64).reshape(n).numpy()
+
+
+def _scale_shift(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) of a BatchNorm in float64, BN(x) = x·s + t per channel."""
+    n = running_mean.numel()
+    if running_var.numel() != n:
+        raise InvalidArgumentError(
+            f"running_var has {running_var.numel()} elements, running_mean has {n}"
+        )
+    return bn_scale_shift(
+        _f64(gamma, n, 1.0), _f64(beta, n, 0.0), _f64(running_mean, n, 0.0),
+        _f64(running_var, n, 0.0), eps,
+    )  # fmt: skip
+
+
+def _like(
+    new_w: np.ndarray, new_b: np.ndarray, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Folded float64 values cast once to the parameters' device and dtype (the weight's for
+    a bias that did not exist)."""
+    bias_dtype = weight.dtype if bias is None else bias.dtype
+    return (
+        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
+        torch.from_numpy(new_b).to(device=weight.device, dtype=bias_dtype),
+    )
 
 
 def fold_bn_into_weights(
@@ -94,24 +163,8 @@ def fold_bn_into_weights(
     ``groups`` matters only there. Results have ``weight``'s device and dtype (``bias``'s dtype
     for b' if given).
     """
-    c_out = running_mean.numel()
-    if running_var.numel() != c_out:
-        raise InvalidArgumentError(
-            f"running_var has {running_var.numel()} elements, running_mean has {c_out}"
-        )
-
-    def f64(t: torch.Tensor | None, default: float) -> np.ndarray:
-        if t is None:
-            return np.full(c_out, default, np.float64)
-        if t.numel() != c_out:
-            raise InvalidArgumentError(
-                f"BatchNorm parameter has {t.numel()} elements, not {c_out}"
-            )
-        return t.detach().to("cpu", torch.float64).reshape(c_out).numpy()
-
-    s, t = bn_scale_shift(
-        f64(gamma, 1.0), f64(beta, 0.0), f64(running_mean, 0.0), f64(running_var, 0.0), eps
-    )
+    s, t = _scale_shift(running_mean, running_var, eps, gamma, beta)
+    c_out = len(s)
     w = weight.detach().to("cpu", torch.float64).numpy()
     layout = "ConvTranspose" if transposed else "Conv"
     channels = output_channels(tuple(w.shape), layout, group=groups) if w.ndim >= 1 else None
@@ -121,13 +174,41 @@ def fold_bn_into_weights(
             f"{layout} weight {tuple(w.shape)} {what}does not have {c_out} output channels"
         )
     new_w, new_b = fold_into_producer(
-        w, None if bias is None else f64(bias, 0.0), s, t, layout, group=groups
+        w, None if bias is None else _f64(bias, c_out, 0.0), s, t, layout, group=groups
     )
-    bias_dtype = weight.dtype if bias is None else bias.dtype
-    return (
-        torch.from_numpy(new_w).to(device=weight.device, dtype=weight.dtype),
-        torch.from_numpy(new_b).to(device=weight.device, dtype=bias_dtype),
-    )
+    return _like(new_w, new_b, weight, bias)
+
+
+def fold_bn_into_following_weights(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    eps: float,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    *,
+    linear: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W', b') of a Conv (``linear=False``, unpadded) or Linear that reads the BatchNorm's
+    output, with the BatchNorm folded in; pure, float64 inside (fold_math's formulas).
+
+    The weight scales along its input channels by ``s``; the bias gains ``Σ W·t``.
+    """
+    s, t = _scale_shift(running_mean, running_var, eps, gamma, beta)
+    w = weight.detach().to("cpu", torch.float64).numpy()
+    in_features = w.shape[1] * (1 if linear else groups) if w.ndim >= 2 else None
+    if in_features != len(s):
+        raise InvalidArgumentError(
+            f"weight {tuple(w.shape)} does not read {len(s)} input channels"
+        )
+    if linear:  # torch's (out, in) is Gemm's B with transB=1
+        new_w, delta = scale_gemm_input_features(w, s, t, trans_b=True)
+    else:
+        new_w, delta = scale_conv_input_channels(w, s, t, groups)
+    base = np.zeros(w.shape[0]) if bias is None else _f64(bias, w.shape[0], 0.0)
+    return _like(new_w, base + delta, weight, bias)
 
 
 @dataclass(frozen=True)
@@ -137,8 +218,9 @@ class BnFoldEntry:
     batch_norm: str
     bn_type: str
     folded_into: str | None = None
-    producer_type: str | None = None
-    reason: str = ""
+    producer_type: str | None = None  # the type of the module it folded into
+    reason: str = ""  # why it was kept, or notes on how it was folded
+    direction: str = ""  # "preceding" (into the producer) | "following" (into the reader)
 
     @property
     def folded(self) -> bool:
@@ -151,6 +233,7 @@ class BnFoldEntry:
             "folded": self.folded,
             "folded_into": self.folded_into,
             "producer_type": self.producer_type,
+            "direction": self.direction,
             "reason": self.reason,
         }
 
@@ -193,7 +276,10 @@ class ModuleFoldResult:
                 e.batch_norm,
                 e.bn_type,
                 "folded" if e.folded else "skipped",
-                "" if e.folded_into is None else f"{e.folded_into} ({e.producer_type})",
+                ""
+                if e.folded_into is None
+                else f"{e.folded_into} ({e.producer_type}"
+                + (", following)" if e.direction == "following" else ")"),
                 e.reason,
             ]
             for e in self.entries
@@ -242,24 +328,48 @@ class _FoldContext:
     work: nn.Module
     usage: _Usage
     ranks: dict[int, set[int]]
+    shapes: dict[fx.Node, tuple[int, ...]]  # output shape of every traced node that ran
     example_inputs: Any
     bn_training: dict[int, bool]  # mode as handed over, by module id
     trace_error: str | None
 
 
-_Fold = tuple[str, str, _ProducerLayout]  # (producer path, BatchNorm path, producer layout)
+@dataclass(frozen=True)
+class _Fold:
+    """One fold to apply: the BatchNorm, the module it goes into, and in which direction."""
+
+    direction: str  # "preceding" | "following"
+    target_path: str
+    bn_path: str
+    chain: tuple[str, ...] = ()  # labels of the shape-only calls in between
+
+
+class _Skip(Exception):
+    """A fold that is not provably exact; the message is the ledger's reason."""
 
 
 def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, _Fold | None]:
     """The ledger entry of the BatchNorm called at ``node``, and the fold to apply (if any)."""
     bn_path = prefix + str(node.target)
     bn = cast(_BatchNorm, ctx.work.get_submodule(bn_path))
-    args = (ctx.work, node, prefix, bn_path, bn, ctx.usage, ctx.ranks, ctx.example_inputs)
-    producer_path, reason = _check_pair(*args)
-    if reason is not None or producer_path is None:
-        return BnFoldEntry(bn_path, type(bn).__name__, reason=reason or ""), None
-    producer = ctx.work.get_submodule(producer_path)
+    fold = None
+    try:
+        _check_bn(ctx, bn, node)
+        reasons = []
+        for attempt in (_check_preceding, _check_following):
+            try:
+                fold = attempt(ctx, prefix, node, bn)
+                break
+            except _Skip as why:
+                reasons.append(str(why))
+        else:
+            raise _Skip("; ".join(reasons))
+    except _Skip as why:
+        return BnFoldEntry(bn_path, type(bn).__name__, reason=str(why)), None
+    target = ctx.work.get_submodule(fold.target_path)
     notes = []
+    if fold.chain:
+        notes.append("through " + ", ".join(fold.chain))
     if ctx.bn_training[id(bn)]:
         notes.append("handed over in train mode; folded with running statistics (eval)")
     if ctx.trace_error is not None:
@@ -268,9 +378,10 @@ def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, 
             "assumed to call it only as a whole"
         )
     entry = BnFoldEntry(
-        bn_path, type(bn).__name__, producer_path, type(producer).__name__, "; ".join(notes)
-    )
-    return entry, (producer_path, bn_path, _PRODUCERS[type(producer)])
+        bn_path, type(bn).__name__, fold.target_path, type(target).__name__,
+        "; ".join(notes), fold.direction,
+    )  # fmt: skip
+    return entry, fold
 
 
 def fold_bn_module_with_ledger(
@@ -279,7 +390,8 @@ def fold_bn_module_with_ledger(
     """Fold every provably foldable BatchNorm in a deep copy of ``module``; never touch ``module``.
 
     ``example_inputs`` (a tensor or a tuple of positional inputs) lets BatchNorm1d pairs be proved by
-    the rank of the tensor BatchNorm actually sees; without it they are skipped with a reason.
+    the rank of the tensor BatchNorm actually sees, and folds through shape-only calls by the
+    shapes they produce; without it those are skipped with a reason.
     """
     work = _deep_copy(module)
     # Mode as handed over. The result always has eval semantics (running statistics), which
@@ -288,8 +400,9 @@ def fold_bn_module_with_ledger(
     work.eval()
     graphs, untraceable = _trace_tree(work)
     ranks, shape_error = _bn_input_ranks(work, example_inputs)
+    shapes = {} if shape_error else _node_shapes(work, graphs, example_inputs)
     ctx = _FoldContext(
-        work, _Usage.collect(work, graphs), ranks, example_inputs, bn_training,
+        work, _Usage.collect(work, graphs), ranks, shapes, example_inputs, bn_training,
         untraceable.get(""),
     )  # fmt: skip
 
@@ -312,8 +425,8 @@ def fold_bn_module_with_ledger(
             if fold is not None:
                 folds.append(fold)
 
-    for producer_path, bn_path, layout in folds:
-        _apply_fold(work, producer_path, bn_path, layout)
+    for fold in folds:
+        _apply_fold(work, fold)
     for path, mod in work.named_modules():
         if _is_batch_norm(mod) and id(mod) not in entries:
             entries[id(mod)] = BnFoldEntry(
@@ -393,6 +506,65 @@ def _bn_input_ranks(
     return dict(ranks), None
 
 
+class _ShapeRecorder(fx.Interpreter):
+    """Runs a traced graph and records the shape of every tensor a node returns."""
+
+    def __init__(self, module: fx.GraphModule, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
+        super().__init__(module)
+        self.shapes = shapes
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.shapes[n] = tuple(out.shape)
+        return out
+
+
+def _node_shapes(
+    root: nn.Module, graphs: list[tuple[str, fx.Graph]], example_inputs: Any
+) -> dict[fx.Node, tuple[int, ...]]:
+    """Output shapes of the traced graphs' nodes on the example inputs (hooks capture what
+    each traced submodule receives); {} without example inputs."""
+    if example_inputs is None:
+        return {}
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    received: dict[str, tuple[Any, ...]] = {}
+
+    def capture(path: str) -> Any:
+        def hook(_mod: nn.Module, inputs: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if path not in received and not kwargs:
+                received[path] = inputs
+
+        return hook
+
+    handles = [
+        root.get_submodule(prefix[:-1]).register_forward_pre_hook(
+            capture(prefix), with_kwargs=True
+        )
+        for prefix, _ in graphs
+        if prefix
+    ]
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+    try:
+        with torch.no_grad():
+            if any(not prefix for prefix, _ in graphs):
+                received[""] = args
+            else:
+                root(*args)
+            for prefix, graph in graphs:
+                if prefix in received:
+                    module = root.get_submodule(prefix[:-1]) if prefix else root
+                    _ShapeRecorder(fx.GraphModule(module, graph), shapes).run(
+                        *received[prefix]
+                    )
+    except Exception as exc:  # shapes are evidence, not a requirement: folds needing them skip
+        logger.info("recording shapes for the fold failed: %s", exc)
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
 @dataclass(frozen=True)
 class _Usage:
     """Who uses what, over the whole tree and every traced graph."""
@@ -436,70 +608,256 @@ class _Usage:
         return None
 
 
-def _check_pair(
-    root: nn.Module,
-    bn_node: fx.Node,
-    prefix: str,
-    bn_path: str,
-    bn: _BatchNorm,
-    usage: _Usage,
-    ranks: dict[int, set[int]],
-    example_inputs: Any,
-) -> tuple[str | None, str | None]:
-    """The producer path if BatchNorm ``bn_node`` folds exactly, else (None, reason)."""
-
-    def fail(reason: str) -> tuple[None, str]:
-        return None, reason
-
+def _check_bn(ctx: _FoldContext, bn: _BatchNorm, node: fx.Node) -> None:
+    """Raise _Skip when the BatchNorm itself cannot be folded in either direction."""
     if any(is_lazy(t) for t in bn.state_dict().values()):
-        return fail("lazy BatchNorm is not initialised")
+        raise _Skip("lazy BatchNorm is not initialised")
     if type(bn) not in _BATCH_NORMS:
-        return fail(f"custom BatchNorm subclass {type(bn).__name__}; its forward is unknown")
+        raise _Skip(f"custom BatchNorm subclass {type(bn).__name__}; its forward is unknown")
     if not bn.track_running_stats or bn.running_mean is None or bn.running_var is None:
-        return fail("no running statistics (track_running_stats=False): uses batch statistics")
-    if (reason := usage.sharing_reason(bn, "BatchNorm")) is not None:
-        return fail(reason)
+        raise _Skip("no running statistics (track_running_stats=False): uses batch statistics")
+    if (reason := ctx.usage.sharing_reason(bn, "BatchNorm")) is not None:
+        raise _Skip(reason)
     stats = [bn.running_mean, bn.running_var, bn.weight, bn.bias]
     if not all(torch.isfinite(t).all() for t in stats if t is not None):
-        return fail("non-finite running statistics or affine parameters")
+        raise _Skip("non-finite running statistics or affine parameters")
     if not bool((bn.running_var.double() + bn.eps > 0).all()):
-        return fail("running_var + eps is not positive")
+        raise _Skip("running_var + eps is not positive")
+    if not isinstance(node.args[0] if node.args else None, fx.Node) or len(node.args) != 1:
+        raise _Skip("BatchNorm is not called on a single tensor")
+    if node.kwargs:
+        raise _Skip("BatchNorm is not called on a single tensor")
 
-    src = bn_node.args[0] if bn_node.args else None
-    if not isinstance(src, fx.Node) or len(bn_node.args) != 1 or bn_node.kwargs:
-        return fail("BatchNorm is not called on a single tensor")
-    if src.op != "call_module":
-        what = (
-            src.target
-            if src.op != "call_function"
-            else getattr(src.target, "__name__", src.target)
+
+def _call_label(root: nn.Module, prefix: str, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"{type(root.get_submodule(prefix + str(node.target))).__name__} '{node.name}'"
+    what = node.target if node.op == "call_method" else getattr(node.target, "__name__", "?")
+    return f"{what} '{node.name}'"
+
+
+def _is_shape_call(root: nn.Module, prefix: str, node: fx.Node) -> bool:
+    """A call that only regroups or reorders its first argument's elements."""
+    if not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    if node.op == "call_method":
+        return node.target in _SHAPE_METHODS
+    if node.op == "call_function":
+        return node.target in _SHAPE_FUNCTIONS
+    if node.op == "call_module":
+        return type(root.get_submodule(prefix + str(node.target))) in _SHAPE_MODULES
+    return False
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """Users that read ``node``'s elements (not only its shape, as reshape_as(node) does)."""
+    users = []
+    for user in node.users:
+        shape_only = (
+            user.op == "call_method"
+            and user.target in _SHAPE_TEMPLATES
+            and (user.target in ("size", "dim") or user.args[0] is not node)
+            and node not in user.kwargs.values()
+        ) or (
+            user.op == "call_function" and user.target is getattr and user.args[1] == "shape"
         )
-        return fail(
+        if not shape_only:
+            users.append(user)
+    return users
+
+
+def _permutation(node: fx.Node, rank: int) -> tuple[int, ...] | None:
+    """The permutation a transpose/permute/swapaxes call applies, None if it is not one."""
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    args: list[Any] = list(node.args[1:])
+    if target in ("transpose", "swapaxes", "swapdims"):
+        dims = args or [node.kwargs.get("dim0"), node.kwargs.get("dim1")]
+        if len(dims) != 2 or not all(isinstance(d, int) for d in dims):
+            return None
+        perm = list(range(rank))
+        a, b = (int(d) % rank for d in dims)
+        perm[a], perm[b] = perm[b], perm[a]
+        return tuple(perm)
+    if target == "permute":
+        given: Any = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        given = given or node.kwargs.get("dims", [])
+        if len(given) != rank or not all(isinstance(d, int) for d in given):
+            return None
+        return tuple(int(d) % rank for d in given)
+    return None
+
+
+def _shape_steps(ctx: _FoldContext, prefix: str, chain: list[fx.Node]) -> list[ShapeStep]:
+    """The chain as ShapeSteps, from the shapes the example inputs produced."""
+    labels = ", ".join(_call_label(ctx.work, prefix, n) for n in chain)
+    steps = []
+    for node in chain:
+        label = _call_label(ctx.work, prefix, node)
+        src = node.args[0]
+        assert isinstance(src, fx.Node)
+        in_shape, out_shape = ctx.shapes.get(src), ctx.shapes.get(node)
+        if in_shape is None or out_shape is None:
+            why = (
+                "pass example_inputs"
+                if ctx.example_inputs is None
+                else "they did not run through this code"
+            )
+            raise _Skip(f"cannot prove the channel axis through {labels} (no shapes; {why})")
+        perm = None
+        if node.op != "call_module" and node.target not in (
+            "reshape", "view", "flatten", "squeeze", "unsqueeze", "reshape_as", "view_as",
+            "contiguous", torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze,
+        ):  # fmt: skip
+            perm = _permutation(node, len(in_shape))
+            if perm is None:
+                raise _Skip(f"{label}: its permutation is not a constant")
+        steps.append(ShapeStep(label, in_shape, out_shape, perm))
+    return steps
+
+
+def _neighbour_rank(ctx: _FoldContext, bn: _BatchNorm) -> int | None:
+    """The rank of the tensor the BatchNorm sees (the same as it returns), if proved."""
+    seen = ctx.ranks.get(id(bn))
+    if seen:
+        return next(iter(seen)) if len(seen) == 1 else None
+    return _FIXED_RANK.get(type(bn))
+
+
+def _feature_axis_reason(
+    module: nn.Module, axis: int, rank: int, side: str, bn: _BatchNorm
+) -> str | None:
+    """None when ``axis`` of a ``rank``-D tensor is ``module``'s feature axis (its output for
+    the preceding side, its input for the following side)."""
+    name = type(module).__name__
+    if isinstance(module, nn.Linear):
+        if axis == rank - 1 and rank >= 2:
+            return None
+        return (
+            f"the {type(bn).__name__}'s channel axis is axis {axis} of a rank-{rank} tensor; "
+            f"{name}'s features are the last axis"
+        )
+    layout = _PRODUCERS[type(module)]
+    if rank == layout.spatial_dims + 2 and axis == 1:
+        return None
+    return (
+        f"the {type(bn).__name__}'s channel axis is axis {axis} of a rank-{rank} tensor; "
+        f"{name}'s channels are axis 1 of rank {layout.spatial_dims + 2} (unbatched?)"
+    )
+
+
+def _check_preceding(ctx: _FoldContext, prefix: str, node: fx.Node, bn: _BatchNorm) -> _Fold:
+    """The fold of the BatchNorm into the module whose output it reads, or _Skip."""
+    src = node.args[0]
+    chain: list[fx.Node] = []
+    while isinstance(src, fx.Node) and _is_shape_call(ctx.work, prefix, src):
+        reader = chain[0] if chain else node
+        if [u for u in _value_users(src) if u is not reader]:
+            raise _Skip(
+                f"{_call_label(ctx.work, prefix, src)} output has {len(_value_users(src))} "
+                "users, not only the BatchNorm"
+            )
+        chain.insert(0, src)
+        src = src.args[0]
+    assert isinstance(src, fx.Node)
+    if src.op != "call_module":
+        what: Any = src.target
+        if src.op == "call_function":
+            what = getattr(src.target, "__name__", "")
+        raise _Skip(
             f"input comes from {src.op} '{what}', not a Conv/ConvTranspose/Linear module"
         )
     producer_path = prefix + str(src.target)
-    producer = root.get_submodule(producer_path)
-    layout = _PRODUCERS.get(type(producer))
-    if layout is None:
-        return fail(
-            f"input comes from {type(producer).__name__} '{producer_path}', not foldable"
-        )
-    if (reason := usage.sharing_reason(producer, type(producer).__name__)) is not None:
-        return fail(reason)
-    if len(src.users) != 1:
-        return fail(
-            f"{type(producer).__name__} output has {len(src.users)} users, not only the BatchNorm"
-        )
+    producer = ctx.work.get_submodule(producer_path)
+    pname = type(producer).__name__
+    if type(producer) not in _PRODUCERS:
+        raise _Skip(f"input comes from {pname} '{producer_path}', not foldable")
+    if (reason := ctx.usage.sharing_reason(producer, pname)) is not None:
+        raise _Skip(reason)
+    if len(_value_users(src)) != 1:
+        raise _Skip(f"{pname} output has {len(src.users)} users, not only the BatchNorm")
     out_channels = (
         producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
     )
     if out_channels != bn.num_features:
-        return fail(f"{out_channels} output channels but {bn.num_features} BatchNorm features")
-    if (
-        reason := _channel_axis_reason(producer, layout, bn, ranks, example_inputs)
+        raise _Skip(f"{out_channels} output channels but {bn.num_features} BatchNorm features")
+    labels: tuple[str, ...] = ()
+    if chain:
+        steps = _shape_steps(ctx, prefix, chain)
+        found = trace_back(steps, 1)
+        if found.axis is None:
+            raise _Skip(found.reason)
+        rank = len(steps[0].in_shape or ())
+        if (
+            why := _feature_axis_reason(producer, found.axis, rank, "preceding", bn)
+        ) is not None:
+            raise _Skip(why)
+        labels = tuple(step.label for step in steps)
+    elif (
+        reason := _channel_axis_reason(
+            producer, _PRODUCERS[type(producer)], bn, ctx.ranks, ctx.example_inputs
+        )
     ) is not None:
-        return fail(reason)
-    return producer_path, None
+        raise _Skip(reason)
+    return _Fold("preceding", producer_path, prefix + str(node.target), labels)
+
+
+def _check_following(ctx: _FoldContext, prefix: str, node: fx.Node, bn: _BatchNorm) -> _Fold:
+    """The fold of the BatchNorm into the one unpadded Conv or Linear reading its output."""
+    chain: list[fx.Node] = []
+    value = node
+    while True:
+        users = list(value.users)
+        if len(users) != 1:
+            who = "BatchNorm" if value is node else _call_label(ctx.work, prefix, value)
+            raise _Skip(f"following: {who} output has {len(users)} users")
+        user = users[0]
+        if not _is_shape_call(ctx.work, prefix, user) or user.args[0] is not value:
+            break
+        chain.append(user)
+        value = user
+    if user.op != "call_module" or user.args != (value,) or user.kwargs:
+        what: Any = user.target
+        if user.op == "call_function":
+            what = getattr(user.target, "__name__", "")
+        raise _Skip(f"following: output goes to {user.op} '{what}', not a Conv/Linear module")
+    path = prefix + str(user.target)
+    consumer = ctx.work.get_submodule(path)
+    cname = type(consumer).__name__
+    if type(consumer) not in _CONSUMERS:
+        raise _Skip(f"following: output goes to {cname} '{path}', not a Conv/Linear")
+    if (reason := ctx.usage.sharing_reason(consumer, cname)) is not None:
+        raise _Skip(f"following: {reason}")
+    if isinstance(consumer, nn.Linear):
+        in_features = consumer.in_features
+    else:
+        conv = cast(nn.modules.conv._ConvNd, consumer)
+        in_features = conv.in_channels
+        if conv.padding != "valid" and (conv.padding == "same" or any(conv.padding)):
+            raise _Skip(
+                f"following: padded {cname} (borders see zeros, not the BatchNorm shift): "
+                "not exact"
+            )
+    if in_features != bn.num_features:
+        raise _Skip(
+            f"following: {cname} reads {in_features} channels, BatchNorm has {bn.num_features}"
+        )
+    labels: tuple[str, ...] = ()
+    if chain:
+        steps = _shape_steps(ctx, prefix, chain)
+        found = trace_forward(steps, 1)
+        if found.axis is None:
+            raise _Skip(f"following: {found.reason}")
+        axis, rank = found.axis, len(steps[-1].out_shape or ())
+        labels = tuple(step.label for step in steps)
+    else:
+        seen = _neighbour_rank(ctx, bn)
+        if seen is None:
+            hint = "pass example_inputs" if ctx.example_inputs is None else "it did not run"
+            raise _Skip(f"following: rank of the BatchNorm's input unknown ({hint})")
+        axis, rank = 1, seen
+    if (why := _feature_axis_reason(consumer, axis, rank, "following", bn)) is not None:
+        raise _Skip(f"following: {why}")
+    return _Fold("following", path, prefix + str(node.target), labels)
 
 
 def _channel_axis_reason(
@@ -537,28 +895,27 @@ def _channel_axis_reason(
     )
 
 
-def _apply_fold(
-    root: nn.Module, producer_path: str, bn_path: str, layout: _ProducerLayout
-) -> None:
-    """Replace the producer's parameters with the folded ones and the BatchNorm with Identity."""
-    producer = cast(_Producer, root.get_submodule(producer_path))
-    bn = cast(_BatchNorm, root.get_submodule(bn_path))
+def _apply_fold(root: nn.Module, fold: _Fold) -> None:
+    """Replace the target's parameters with the folded ones and the BatchNorm with Identity."""
+    target = cast(_Producer, root.get_submodule(fold.target_path))
+    bn = cast(_BatchNorm, root.get_submodule(fold.bn_path))
     assert bn.running_mean is not None and bn.running_var is not None
-    weight, bias = fold_bn_into_weights(
-        producer.weight,
-        producer.bias,
-        bn.running_mean,
-        bn.running_var,
-        bn.eps,
-        bn.weight,
-        bn.bias,
-        transposed=layout.transposed,
-        groups=getattr(producer, "groups", 1),
-    )
-    grad = producer.weight.requires_grad
-    producer.weight = nn.Parameter(weight, requires_grad=grad)
-    producer.bias = nn.Parameter(bias, requires_grad=grad)
-    parent_path, _, name = bn_path.rpartition(".")
+    stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    if fold.direction == "preceding":
+        layout = _PRODUCERS[type(target)]
+        weight, bias = fold_bn_into_weights(
+            target.weight, target.bias, *stats,
+            transposed=layout.transposed, groups=getattr(target, "groups", 1),
+        )  # fmt: skip
+    else:
+        weight, bias = fold_bn_into_following_weights(
+            target.weight, target.bias, *stats,
+            linear=isinstance(target, nn.Linear), groups=getattr(target, "groups", 1),
+        )  # fmt: skip
+    grad = target.weight.requires_grad
+    target.weight = nn.Parameter(weight, requires_grad=grad)
+    target.bias = nn.Parameter(bias, requires_grad=grad)
+    parent_path, _, name = fold.bn_path.rpartition(".")
     setattr(root.get_submodule(parent_path), name, nn.Identity())
 
 

@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 import normdeploy.io
 from normdeploy.cli import main
 from normdeploy.io import sha256_file
+from normdeploy.modelspec import REFERENCE_MODULE
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BAD_INPUTS.md"
@@ -199,6 +200,12 @@ def _npz(arrays: dict[str, np.ndarray]) -> Callable[[Path], None]:
     return setup
 
 
+def _no_checkout(mp: pytest.MonkeyPatch) -> None:
+    """normdeploy as a wheel installs it: no models/ beside the package, none loaded yet."""
+    mp.setattr("normdeploy.modelspec.reference_models_dir", lambda: None)
+    mp.delitem(sys.modules, REFERENCE_MODULE, raising=False)
+
+
 CASES: list[Case] = [
     # ---- input files
     Case("missing-path", ["inspect", "{d}/nope.onnx"], 2, r"nope\.onnx: ONNX file does not exist"),
@@ -215,6 +222,7 @@ CASES: list[Case] = [
     Case("onnx-as-model-name", ["verify", "{d}/in.onnx", "{d}/nope.onnx"], 2, r"nope\.onnx: ONNX file does not exist", ONNX_IN),
     # ---- MODEL arguments
     Case("unknown-model", ["export", "no_such_model", "-o", "{d}/o.onnx"], 2, r"unknown reference model 'no_such_model'", outputs=["o.onnx"]),
+    Case("reference-models-not-installed", ["export", "conv_bn_relu", "-o", "{d}/o.onnx"], 2, r"reference models live in the normdeploy checkout's models/, which is not installed", outputs=["o.onnx"], patch=_no_checkout),
     Case("import-missing-module", ["export", "nosuchpkg_zz:net", "-o", "{d}/o.onnx"], 2, r"cannot import module 'nosuchpkg_zz'", outputs=["o.onnx"]),
     Case("import-missing-attr", ["export", "userzoo_bad:nope", "-o", "{d}/o.onnx"], 2, r"has no attribute 'nope'", _user_pkg, ["o.onnx"]),
     Case("factory-raises", ["export", "userzoo_bad:broken", "-o", "{d}/o.onnx"], 2, r"factory raised RuntimeError: boom", _user_pkg, ["o.onnx"]),

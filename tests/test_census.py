@@ -12,7 +12,13 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import models
-from normdeploy.census import DECOMPOSED_LAYERNORM, DECOMPOSITION, GROUPNORM_TRICK, inspect
+from normdeploy.census import (
+    DECOMPOSED_LAYERNORM,
+    DECOMPOSED_RMSNORM,
+    DECOMPOSITION,
+    GROUPNORM_TRICK,
+    inspect,
+)
 from normdeploy.cli import main
 from normdeploy.errors import InputFileError
 from normdeploy.exporting import exporter_quiet
@@ -61,6 +67,17 @@ def test_fp16_decomposition_with_underflowing_eps_is_an_error():
     # 1e-5 is representable (subnormal) in float16: fp16 is still flagged, eps is not.
     ok_eps = inspect(decomposed_layernorm(TensorProto.FLOAT16, eps=1e-5))
     assert "fp16-eps-underflow" not in ok_eps.lint_codes()
+
+
+def test_inspect_exits_1_when_it_prints_an_error_lint(tmp_path, capsys):
+    bad = tmp_path / "fp16_ln.onnx"
+    onnx.save(decomposed_layernorm(TensorProto.FLOAT16, eps=1e-12), bad)
+    assert main(["inspect", str(bad)]) == 1
+    assert "[error] fp16-eps-underflow" in capsys.readouterr().out
+    warned = tmp_path / "ln.onnx"
+    onnx.save(decomposed_layernorm(), warned)
+    assert main(["inspect", str(warned)]) == 0  # warnings alone do not fail
+    assert "[warning] decomposed-layernorm" in capsys.readouterr().out
 
 
 def _single_op_model(node: onnx.NodeProto, opset: int, inits=(), n_in: int = 1):
@@ -234,3 +251,80 @@ def test_cli_inspect_with_module_and_report(tmp_path, capsys):
     assert path.read_bytes() == before  # the input is never modified
     assert main(["inspect", str(path), "--format", "markdown"]) == 0
     assert "### Norm census" in capsys.readouterr().out
+    assert main(["inspect", str(path)]) == 0
+    text = capsys.readouterr().out  # without --module: the norm is named from the graph
+    assert "norms: 2× GroupNorm as InstanceNormalization+Reshape" in text
+    assert text.count("GroupNorm as InstanceNormalization+Reshape") == 3  # summary + 2 rows
+
+
+class LlamaRMSNorm(torch.nn.Module):
+    """A hand-written RMSNorm as Hugging Face models spell it (rsqrt, weight applied last)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(dim) + 0.5)
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        v = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon))
+
+
+class TwoRMSNorms(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(32, 32)
+        self.norm = torch.nn.RMSNorm(32)
+        self.llama = LlamaRMSNorm(32)
+        self.head = torch.nn.Linear(32, 8)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x):
+        return self.head(self.llama(self.norm(self.fc(x))))
+
+
+@pytest.mark.parametrize(
+    ("opset", "representation"),
+    [(18, DECOMPOSITION), (23, "RMSNormalization")],
+    ids=["decomposed_18", "native_23"],
+)
+def test_rmsnorm_modules_are_found_and_confirmed(opset, representation):
+    torch.manual_seed(0)
+    module = TwoRMSNorms().eval()
+    x = torch.randn(2, 5, 32)
+    with exporter_quiet():
+        model = torch.onnx.export(
+            module, (x,), dynamo=True, opset_version=opset,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        ).model_proto  # fmt: skip
+    census = inspect(model, module=module, example_inputs=(x,))
+    assert [(e.module_path, e.kind, e.representation) for e in census.entries] == [
+        ("norm", "RMSNorm", representation),
+        ("llama", "RMSNorm", representation),
+    ]
+    # fp32 RMSNorm over 32 values: ~5e-7 measured; 1e-4 is the documented fp32 default.
+    assert all(e.confirmed for e in census.entries), census.to_text()
+    assert all(e.vs_oracle.comparison.max_abs < 1e-4 for e in census.entries)
+    kind = DECOMPOSED_RMSNORM if opset == 18 else "RMSNormalization"
+    assert census.op_counts == {kind: 2}
+    assert ("decomposed-rmsnorm" in census.lint_codes()) is (opset == 18)
+    without_module = inspect(model).to_text()
+    assert f"2× RMSNorm as {representation}" in without_module
+
+
+def test_a_wrong_rmsnorm_scale_fails_its_confirmation():
+    torch.manual_seed(0)
+    module = TwoRMSNorms().eval()
+    x = torch.randn(2, 5, 32)
+    with exporter_quiet():
+        model = torch.onnx.export(
+            module, (x,), dynamo=True, opset_version=23,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        ).model_proto  # fmt: skip
+    rms = next(n for n in model.graph.node if n.op_type == "RMSNormalization")
+    init = next(t for t in model.graph.initializer if t.name == rms.input[1])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.01, init.name))
+    census = inspect(model, module=module, example_inputs=(x,))
+    assert census.entries[0].confirmed is False and not census.passed
+    assert census.entries[1].confirmed

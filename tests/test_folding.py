@@ -4,6 +4,7 @@ reference models exported unfolded by torch."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from pathlib import Path
@@ -256,3 +257,52 @@ def test_reference_models_exported_without_folding(name, tmp_path) -> None:
     # fp32, PyTorch vs onnxruntime kernels on small nets: see compare.py's fp32 default.
     np.testing.assert_allclose(next(iter(got.values())), expected, rtol=1e-4, atol=1e-4)
     assert re.search(r"\d+ of \d+ BatchNormalization folded", result.to_text())
+
+
+def _bn_behind_shape_ops(kind: str):
+    """A LeViT or token-MLP block (tests/blocks.py) with statistics far from identity."""
+    import torch
+    from blocks import LinearNorm, TokenMLP
+
+    torch.manual_seed(0)
+    module = {"levit": LinearNorm, "token_mlp": TokenMLP}[kind]().eval()
+    with torch.no_grad():
+        module.bn.running_mean.normal_(0, 2)
+        module.bn.running_var.uniform_(0.2, 3)
+        module.bn.weight.normal_()
+        module.bn.bias.normal_()
+    return module
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("kind", ["levit", "token_mlp"])
+def test_real_blocks_with_bn_behind_shape_ops_fold_completely(kind, exporter) -> None:
+    torch = pytest.importorskip("torch")
+    from normdeploy.exporting import exporter_quiet
+
+    module = _bn_behind_shape_ops(kind)
+    x = torch.randn(2, 7, 16)
+    with exporter_quiet():
+        if exporter == "dynamo":
+            exported = torch.onnx.export(
+                module, (x,), dynamo=True, opset_version=18,
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+            ).model_proto  # fmt: skip
+        else:
+            buf = io.BytesIO()
+            torch.onnx.export(
+                module, (x,), buf, dynamo=False, opset_version=17, input_names=["x"],
+                dynamic_axes={"x": {0: "batch"}},
+            )  # fmt: skip
+            exported = onnx.load_from_string(buf.getvalue())
+    assert ops(exported)["BatchNormalization"] == 1, "the exporter folded it already"
+    result = fold_bn(exported)  # verifies against the unfolded graph on onnxruntime
+    assert result.verified and len(result.folded) == 1, result.to_text()
+    assert "BatchNormalization" not in ops(result.model)
+    onnx.checker.check_model(result.model, full_check=True)
+    x3 = torch.randn(3, 7, 16)  # another batch size than traced: the batch stays symbolic
+    with torch.no_grad():
+        expected = module(x3).numpy()
+    got = OrtRunner(result.model).infer({result.model.graph.input[0].name: x3.numpy()})
+    # fp32 Linear over 16 features, PyTorch vs onnxruntime kernels: ~1e-6 measured.
+    np.testing.assert_allclose(next(iter(got.values())), expected, rtol=1e-4, atol=1e-4)

@@ -16,6 +16,7 @@ from normdeploy.onnx_graph import (
     attr,
     default_opset,
     graph_input_specs,
+    inferred_value_infos,
     model_constants,
     node_label,
     scopes,
@@ -225,6 +226,46 @@ def test_a_declared_shape_wins_over_propagation() -> None:
     )
     index = GraphIndex.of(model.graph)
     assert (index.rank("Re"), index.rank("K"), index.rank("Q")) == (5, 5, 5)
+
+
+INFERRED = """G (float[N,7,16] X) => (float[N,7,32] Y) {
+    M = MatMul (X, W)
+    R = Reshape (M, s)
+    T = Transpose <perm=[1,0]> (R)
+    S = Shape (M)
+    Y = Reshape (T, S)
+}"""
+
+
+def test_inferred_shapes_come_from_the_graph_not_from_stale_declarations() -> None:
+    model = parse(INFERRED)
+    big = RNG.normal(size=(16, 32)).astype(np.float32)  # 512 elements: a typed input only
+    model.graph.initializer.extend([
+        numpy_helper.from_array(big, "W"),
+        numpy_helper.from_array(np.array([-1, 32], np.int64), "s"),  # a shape constant
+    ])  # fmt: skip
+    # a stale declaration the inference must not take for the truth
+    model.graph.value_info.append(
+        helper.make_tensor_value_info("R", TensorProto.FLOAT, [5, 6])
+    )
+    before = model.SerializeToString()
+    inferred = inferred_value_infos(model)
+    assert model.SerializeToString() == before
+    index = GraphIndex.of(model.graph)
+    index.inferred = inferred
+    assert index.shape("M") == ("N", 7, 32)
+    r = index.shape("R")
+    assert r is not None and r[1] == 32 and r[0] != 5  # from the constant [-1, 32]
+    assert index.shape("T")[0] == 32
+    index.inferred = {}
+    assert index.shape("R") == (5, 6)  # without inference, the declaration is all there is
+
+
+def test_a_shape_reader_is_not_a_second_reader_when_asked() -> None:
+    index = index_of(parse(INFERRED), W=np.ones((16, 32), np.float32))
+    reshape = next(n for n in index.nodes if n.output[0] == "R")
+    assert index.sole_reader("M", reshape) == "'M' has 2 readers"
+    assert index.sole_reader("M", reshape, shape_reads=True) is None
 
 
 def test_matmul_with_a_1d_operand_drops_an_axis() -> None:

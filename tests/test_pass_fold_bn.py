@@ -261,6 +261,201 @@ def test_bn_before_gemm_with_trans_a_is_kept() -> None:
     assert result.model.SerializeToString() == model.SerializeToString()
 
 
+# ----------------------------------------------------------------------------- shape-only ops
+
+SHAPE_CHAINS = {  # graph (batch N symbolic), constants, the ops the BN folded through
+    # LeViT's LinearNorm: Linear → flatten(0, 1) → BatchNorm1d → reshape_as
+    "levit_reshape_bias": (
+        """G (float[N,7,16] X) => (float[N,7,32] Y) {
+            M = MatMul (X, W)
+            A = Add (M, C)
+            F = Reshape (A, s1)
+            B = BatchNormalization (F, g, b, m, v)
+            Y = Reshape (B, s2)
+        }""",
+        {"W": w(16, 32), "C": w(32), "s1": np.array([-1, 32], np.int64),
+         "s2": np.array([-1, 7, 32], np.int64), **bn_params(32)},
+        "Reshape",
+    ),
+    # TorchScript writes flatten(0, 1) as Flatten and reshape_as as Reshape(Shape(x))
+    "levit_flatten_shape_reader": (
+        """G (float[N,7,16] X) => (float[N,7,32] Y) {
+            M = MatMul (X, W)
+            F = Flatten <axis=2> (M)
+            B = BatchNormalization (F, g, b, m, v)
+            S = Shape (M)
+            Y = Reshape (B, S)
+        }""",
+        {"W": w(16, 32), **bn_params(32)},
+        "Flatten",
+    ),
+    # a token MLP: Linear → transpose(1, 2) → BatchNorm1d → transpose(1, 2)
+    "token_mlp_transpose": (
+        """G (float[N,7,16] X) => (float[N,7,32] Y) {
+            M = MatMul (X, W)
+            A = Add (C, M)
+            T = Transpose <perm=[0,2,1]> (A)
+            B = BatchNormalization (T, g, b, m, v)
+            Y = Transpose <perm=[0,2,1]> (B)
+        }""",
+        {"W": w(16, 32), "C": w(32), **bn_params(32)},
+        "Transpose",
+    ),
+    "conv_squeeze": (
+        """G (float[N,3,4,4] X) => (float[N,8] Y) {
+            A = Conv (X, W, Bc)
+            S = Squeeze (A, axes)
+            Y = BatchNormalization (S, g, b, m, v)
+        }""",
+        {"W": w(8, 3, 4, 4), "Bc": w(8), "axes": np.array([2, 3], np.int64), **bn_params(8)},
+        "Squeeze",
+    ),
+    "gemm_unsqueeze_reshape": (
+        """G (float[N,5] X) => (float[N,6,1] Y) {
+            A = Gemm <transB=1> (X, W, Cg)
+            U = Unsqueeze (A, axes)
+            R = Reshape (U, s)
+            Y = BatchNormalization (R, g, b, m, v)
+        }""",
+        {"W": w(6, 5), "Cg": w(6), "axes": np.array([2, 3], np.int64),
+         "s": np.array([0, 6, 1], np.int64), **bn_params(6)},
+        "Unsqueeze",
+    ),
+    # channels-last detour: Conv → NHWC → tokens (N·H·W, C) → BatchNorm1d
+    "conv_nhwc_tokens": (
+        """G (float[N,3,6,6] X) => (float[N,16,8] Y) {
+            A = Conv (X, W)
+            T = Transpose <perm=[0,2,3,1]> (A)
+            R = Reshape (T, s)
+            B = BatchNormalization (R, g, b, m, v)
+            Y = Reshape (B, s2)
+        }""",
+        {"W": w(8, 3, 3, 3), "s": np.array([-1, 8], np.int64),
+         "s2": np.array([-1, 16, 8], np.int64), **bn_params(8)},
+        "Transpose",
+    ),
+    "following_reshape_into_unpadded_conv": (
+        """G (float[N,4,16] X) => (float[N,6,4,4] Y) {
+            B = BatchNormalization (X, g, b, m, v)
+            R = Reshape (B, s)
+            Y = Conv (R, W, Bc)
+        }""",
+        {"W": w(6, 4, 1, 1), "Bc": w(6), "s": np.array([0, 4, 4, 4], np.int64),
+         **bn_params(4)},
+        "Reshape",
+    ),
+    "following_unsqueeze_into_gemm_after_flatten": (
+        """G (float[N,4] X) => (float[N,3] Y) {
+            B = BatchNormalization (X, g, b, m, v)
+            U = Unsqueeze (B, axes)
+            F = Flatten (U)
+            Y = Gemm (F, W)
+        }""",
+        {"W": w(4, 3), "axes": np.array([2], np.int64), **bn_params(4)},
+        "Unsqueeze",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SHAPE_CHAINS.values(), ids=list(SHAPE_CHAINS))
+def test_bn_folds_through_shape_only_ops(case) -> None:
+    graph, inits, through = case
+    model = parse(graph, inits)
+    result = fold_and_check(model, folded=1)  # 0 BN left, checker, numerics vs unfolded
+    (entry,) = result.ledger
+    assert f"through {through}" in entry.reason
+    shape_ops = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Shape")
+    kept = Counter({k: v for k, v in ops(model).items() if k in shape_ops})
+    assert +Counter({k: v for k, v in ops(result.model).items() if k in shape_ops}) == kept
+
+
+SHAPE_CHAIN_KEPT = {  # graph, constants, ledger reason
+    "reshape_merges_tokens_into_channels": (
+        """G (float[N,6,16] X) => (float[N,48] Y) {
+            M = MatMul (X, W)
+            R = Reshape (M, s)
+            Y = BatchNormalization (R, g, b, m, v)
+        }""",
+        {"W": w(16, 8), "s": np.array([-1, 48], np.int64), **bn_params(48)},
+        "merges or splits the channel axis",
+    ),
+    "reshape_splits_channels_into_groups": (
+        """G (float[N,16,3,3] X) => (float[N,4,36] Y) {
+            A = Conv (X, W)
+            R = Reshape (A, s)
+            Y = BatchNormalization (R, g, b, m, v)
+        }""",
+        {"W": w(16, 16, 1, 1), "s": np.array([0, 4, 36], np.int64), **bn_params(4)},
+        "merges or splits the channel axis",
+    ),
+    "transpose_moves_batch_to_channels": (
+        """G (float[2,7,16] X) => (float[7,2,32] Y) {
+            M = MatMul (X, W)
+            T = Transpose <perm=[1,0,2]> (M)
+            Y = BatchNormalization (T, g, b, m, v)
+        }""",
+        {"W": w(16, 32), **bn_params(2)},
+        "the BN's channel axis is axis 0 of MatMul's 3-D output; its features are axis 2",
+    ),
+    "reshape_to_a_computed_shape": (
+        """G (float[N,7,16] X, int64[2] s) => (float[?,32] Y) {
+            M = MatMul (X, W)
+            R = Reshape (M, s)
+            Y = BatchNormalization (R, g, b, m, v)
+        }""",
+        {"W": w(16, 32), **bn_params(32)},
+        "has no fixed size",
+    ),
+    "bn_input_shape_read": (  # the BN input takes the BN output's name: no reader may stay
+        """G (float[N,7,16] X) => (float[?,32] Y) {
+            M = MatMul (X, W)
+            R = Reshape (M, s)
+            B = BatchNormalization (R, g, b, m, v)
+            S = Shape (R)
+            Y = Reshape (B, S)
+        }""",
+        {"W": w(16, 32), "s": np.array([-1, 32], np.int64), **bn_params(32)},
+        "'R' has 2 readers",
+    ),
+    "reshape_output_read_twice": (
+        """G (float[N,7,16] X) => (float[N,32] Y, float[N,32] Z) {
+            M = MatMul (X, W)
+            R = Reshape (M, s)
+            Y = BatchNormalization (R, g, b, m, v)
+            Z = Relu (R)
+        }""",
+        {"W": w(16, 32), "s": np.array([-1, 32], np.int64), **bn_params(32)},
+        "'R' has 2 readers",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SHAPE_CHAIN_KEPT.values(), ids=list(SHAPE_CHAIN_KEPT))
+def test_bn_behind_shape_ops_that_do_not_map_the_channel_is_kept(case) -> None:
+    graph, inits, reason = case
+    model = parse(graph, inits)
+    before = model.SerializeToString()
+    result = fold_bn(model, verify=False)
+    (entry,) = result.ledger
+    assert not entry.folded and reason in entry.reason, entry.reason
+    assert result.model.SerializeToString() == before
+
+
+def test_folding_through_a_transpose_anyway_would_be_wrong() -> None:
+    """The premise of keeping 'transpose_moves_batch_to_channels': scaling the MatMul's
+    features by the BN's per-channel factors is not what the graph computes."""
+    graph, inits, _ = SHAPE_CHAIN_KEPT["transpose_moves_batch_to_channels"]
+    model = parse(graph, inits)
+    x = RNG.normal(0, 1, (2, 7, 16)).astype(np.float32)
+    expected = OrtRunner(model).infer({"X": x})["Y"]
+    s = inits["g"] / np.sqrt(inits["v"] + 1e-5)
+    t = inits["b"] - inits["m"] * s
+    # the only per-feature reading of 2 channels: the first 2 of the 32 features
+    wrong = np.transpose(x @ inits["W"], (1, 0, 2)).copy()
+    wrong[..., :2] = wrong[..., :2] * s + t
+    assert not np.allclose(wrong, expected, atol=1e-2)
+
+
 # ----------------------------------------------------------------------------- safety
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,8 @@ import torch
 import models
 from normdeploy import deploy
 from normdeploy.pipeline import deploy_many
+from normdeploy.progress import Progress
+from normdeploy.verification.runners import CUDA, available_providers
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,8 +51,15 @@ def test_deploy_cnn_with_bn_left_by_the_exporter(tmp_path):
 
 
 def test_deploy_transformer_and_groupnorm_report_representations(tmp_path):
-    summary = deploy_many(["transformer_preln", "groupnorm32_cnn"], tmp_path / "out")
+    stream = io.StringIO()
+    summary = deploy_many(
+        ["transformer_preln", "groupnorm32_cnn"],
+        tmp_path / "out",
+        progress=Progress(stream=stream),
+    )
     assert summary, summary.to_text()
+    if CUDA not in available_providers():  # said once per run, not once per model
+        assert stream.getvalue().count("CUDA not used") == 1
     by_name = {r.model_name: r for r in summary.results}
     reps = by_name["transformer_preln"].norm_representations()
     assert reps["LayerNorm"] == {"LayerNormalization": 2}
@@ -94,3 +105,32 @@ def test_cli_deploy_subprocess(tmp_path, model):
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert again.returncode == 2 and "exists (use --force" in again.stderr
+
+
+TEN_GROUPNORMS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def net():
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 8, 3, padding=1)]
+        for _ in range(10):
+            layers += [nn.GroupNorm(4, 8), nn.Conv2d(8, 8, 1)]
+        return nn.Sequential(*layers).eval(), torch.randn(1, 3, 8, 8)
+    """
+)
+
+
+def test_advice_says_each_thing_once_with_a_count(tmp_path, monkeypatch):
+    (tmp_path / "ten_gn.py").write_text(TEN_GROUPNORMS)
+    monkeypatch.chdir(tmp_path)  # module:factory imports from the current directory
+    result = deploy("ten_gn:net", tmp_path / "out")
+    assert result, result.to_text()
+    groupnorm_tips = [t for t in result.advice() if "GroupNorm" in t]
+    assert len(groupnorm_tips) == 1, groupnorm_tips
+    (tip,) = groupnorm_tips
+    assert tip.startswith("10 GroupNorm modules (`1`, `3`, `5` (+7 more)) use the")
+    md = (tmp_path / "out" / "report.md").read_text()
+    what_to_do = md.split("## What to do about it")[1].split("\n#")[0]
+    assert what_to_do.count("\n- ") == 1  # one bullet for the ten modules

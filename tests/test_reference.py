@@ -59,6 +59,9 @@ CASES = [
         (2, 3, 9),
     ),
     ("in3d", lambda: nn.InstanceNorm3d(2, affine=True), (2, 2, 3, 4, 5)),
+    ("rms_last", lambda: nn.RMSNorm(8, eps=1e-6), (3, 5, 8)),
+    ("rms_two_dims_default_eps", lambda: nn.RMSNorm([5, 8]), (3, 5, 8)),
+    ("rms_noaffine", lambda: nn.RMSNorm(8, elementwise_affine=False), (3, 8)),
 ]
 
 
@@ -88,6 +91,39 @@ def test_oracle_matches_every_norm_layer_in_reference_models(name):
     assert inputs, f"{name} has no norm layers"
     for mod, (x, y) in inputs.items():
         np.testing.assert_allclose(module_oracle(mod, x.numpy()), y.numpy(), rtol=0, atol=ATOL)
+
+
+class LlamaRMSNorm(nn.Module):
+    """The Hugging Face spelling: ``variance_epsilon``, rsqrt, weight applied last."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        v = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(v + self.variance_epsilon))
+
+
+def test_hand_written_rmsnorm_is_an_rmsnorm_and_matches_its_oracle():
+    module = _calibrated(LlamaRMSNorm(8, eps=1e-2))  # a large eps, so dropping it would show
+    assert norm_kind(module) == "RMSNorm"
+    x = _x((3, 4, 8))
+    with torch.no_grad():
+        expected = module(x).numpy()
+    np.testing.assert_allclose(module_oracle(module, x.numpy()), expected, rtol=0, atol=ATOL)
+
+
+def test_rms_norm_default_eps_is_that_of_the_input_dtype():
+    # nn.RMSNorm(eps=None) adds torch.finfo(x.dtype).eps; a row of tiny values shows it.
+    x = np.full((1, 4), 1e-4, np.float32)
+    y32 = ref.rms_norm(x, 4)
+    y64 = ref.rms_norm(x.astype(np.float64), 4)
+    with torch.no_grad():
+        torch_y = nn.RMSNorm(4).eval()(torch.from_numpy(x)).double().numpy()
+    np.testing.assert_allclose(y32, torch_y, rtol=1e-6)  # float32 torch run
+    assert abs(y32[0, 0] - y64[0, 0]) > 1e-3  # the eps differs by dtype, visibly here
 
 
 def test_batch_norm_training_uses_biased_batch_statistics():

@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from blocks import LinearNorm, TokenMLP
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -21,6 +23,7 @@ from normdeploy.errors import InvalidArgumentError
 from normdeploy.report import to_json
 from normdeploy.torch_fold import (
     ModuleFoldResult,
+    fold_bn_into_following_weights,
     fold_bn_into_weights,
     fold_bn_module,
     fold_bn_module_with_ledger,
@@ -451,6 +454,148 @@ def test_model_handed_over_in_train_mode_folds_for_eval_and_is_left_alone() -> N
         got = result.module(x)
     # fp32, a ResNet of 3x3 convs: folding only re-associates products
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------
+# through shape-only calls, and into the module that follows
+
+
+class _ChannelsLastConv(nn.Module):
+    """Conv2d → permute to NHWC → tokens (N·H·W, C) → BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).permute(0, 2, 3, 1).reshape(-1, 8))
+
+
+class _BnTransposeLinear(nn.Module):
+    """BatchNorm1d over (N, C, L) → transpose → Linear over C: the following direction."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.bn(x).transpose(1, 2))
+
+
+FOLDS_THROUGH = {  # model, input shape, the module it folds into, direction, the calls between
+    "levit_linear_norm": (LinearNorm, (2, 7, 16), "linear", "preceding", "flatten"),
+    "token_mlp": (TokenMLP, (2, 7, 16), "fc", "preceding", "transpose"),
+    "channels_last_conv": (_ChannelsLastConv, (2, 3, 6, 6), "conv", "preceding", "permute"),
+    "bn_then_unpadded_conv": (
+        lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, stride=2)),
+        (2, 4, 9, 9), "1", "following", "",
+    ),
+    "bn_then_grouped_1x1_conv": (
+        lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1, groups=2)),
+        (2, 4, 5, 5), "1", "following", "",
+    ),
+    "bn1d_then_linear": (
+        lambda: nn.Sequential(nn.BatchNorm1d(8), nn.Linear(8, 5)), (3, 8), "1", "following", "",
+    ),
+    "bn1d_transpose_linear": (_BnTransposeLinear, (2, 8, 6), "head", "following", "transpose"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FOLDS_THROUGH.values(), ids=list(FOLDS_THROUGH))
+def test_bn_folds_through_shape_calls_and_into_the_following_module(case) -> None:
+    make, shape, target, direction, through = case
+    torch.manual_seed(0)
+    model = make().eval()
+    bn_name, bn = next((n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm))
+    _randomize_bn(bn, seed=5)
+    x = torch.randn(shape)
+    want = _eval_output(model, x)
+    result = fold_bn_module_with_ledger(model, x)
+    entry = _entry(result, bn_name)
+    assert entry.folded_into == target and entry.direction == direction, entry
+    assert (f"through {through}" in entry.reason) if through else not entry.reason
+    assert result.to_dict()["entries"][0]["direction"] == direction
+    assert ("following)" in result.to_text()) is (direction == "following")
+    assert _bn_count(result.module) == 0
+    with torch.no_grad():
+        got = result.module(x)
+    # fp32, one layer: folding re-associates (x·s + t)·W, ~1e-6 of the output scale
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+class _TokensIntoChannels(nn.Module):
+    """Linear over (N, 2, 4, 16) → reshape (N, 8, 8) → BatchNorm1d(8): its channels are the
+    2·4 token positions merged, not the Linear's 8 features (the counts agree by chance)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8)
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.fc(x).reshape(x.shape[0], 8, 8))
+
+
+class _BnOverTokens(nn.Module):
+    """BatchNorm1d over (N, L, C) with L == C, then Linear over C: it normalizes L."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.bn(x))
+
+
+KEPT = {  # model, input shape, example inputs given, reason
+    "reshape_merges_tokens_and_features": (
+        _TokensIntoChannels, (2, 2, 4, 16), True, "merges or splits the channel axis",
+    ),
+    "transpose_without_example_inputs": (
+        TokenMLP, (2, 7, 16), False, "no shapes; pass example_inputs",
+    ),
+    "following_linear_reads_the_other_axis": (
+        _BnOverTokens, (2, 8, 8), True, "following: the BatchNorm1d's channel axis is axis 1",
+    ),
+    "following_padded_conv": (
+        lambda: nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, padding=1)),
+        (2, 4, 5, 5), True, "following: padded Conv2d",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", KEPT.values(), ids=list(KEPT))
+def test_bn_whose_channel_does_not_map_is_kept_with_the_reason(case) -> None:
+    make, shape, with_inputs, reason = case
+    torch.manual_seed(0)
+    model = make().eval()
+    bn_name, bn = next((n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm))
+    _randomize_bn(bn, seed=6)
+    x = torch.randn(shape)
+    result = fold_bn_module_with_ledger(model, x if with_inputs else None)
+    entry = _entry(result, bn_name)
+    assert not entry.folded and reason in entry.reason, entry.reason
+    with torch.no_grad():
+        assert torch.equal(result.module(x), _eval_output(model, x))  # nothing changed
+
+
+def test_following_fold_into_the_wrong_axis_would_be_wrong() -> None:
+    """The premise of 'following_linear_reads_the_other_axis': folding the BN's per-channel
+    affine into the Linear's input features changes the output."""
+    torch.manual_seed(0)
+    model = _BnOverTokens().eval()
+    _randomize_bn(model.bn, seed=6)
+    x = torch.randn(2, 8, 8)
+    bn = model.bn
+    w, b = fold_bn_into_following_weights(
+        model.head.weight, model.head.bias, bn.running_mean, bn.running_var, bn.eps,
+        bn.weight, bn.bias, linear=True,
+    )  # fmt: skip
+    with torch.no_grad():
+        assert not torch.allclose(F.linear(x, w, b), model(x), atol=1e-2)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -185,9 +185,12 @@ def test_graph_with_batch_statistics_is_flagged_and_fails_batch_independence(tmp
     onnx.save(_export(spec.build().train(), spec.inputs(2)[0], training=True), path)
     result = verify(spec.build(), path, providers="cpu")
     assert not result
-    assert any(
-        f.severity == ERROR and f.op == "BatchNormalization" for f in result.graph_flags
-    )
+    bn_flags = [f for f in result.graph_flags if f.code == "bn-training-mode"]
+    assert len(bn_flags) == 9 and all(f.severity == ERROR for f in bn_flags)
+    # every BN says the same thing: the diagnosis says it once, with the count
+    assert result.diagnosis.count(bn_flags[0].message) == 1
+    assert "(9 nodes: " in result.diagnosis and "(+6 more)" in result.diagnosis
+    assert result.to_text().count(bn_flags[0].message) == 2  # the diagnosis and one flag line
     independence = [c for c in result.checks if c.kind == BATCH_INDEPENDENCE]
     assert independence and not any(c.passed for c in independence)
     culprit = result.bisection.first_divergence

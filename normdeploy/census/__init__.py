@@ -21,11 +21,12 @@ _EXPORTS = {
     "NormNode": "normdeploy.census.results",
     "Lint": "normdeploy.census.results",
     "FOLDED": "normdeploy.census.results",
-    "DECOMPOSITION": "normdeploy.census.results",
+    "DECOMPOSITION": "normdeploy.census.patterns",
     "ABSENT": "normdeploy.census.results",
     "NATIVE_NORM_OPS": "normdeploy.census.patterns",
     "DECOMPOSED_LAYERNORM": "normdeploy.census.patterns",
     "GROUPNORM_TRICK": "normdeploy.census.patterns",
+    "DECOMPOSED_RMSNORM": "normdeploy.census.patterns",
 }
 
 __all__ = sorted(_EXPORTS)

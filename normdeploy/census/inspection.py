@@ -25,6 +25,7 @@ from normdeploy.onnx_graph import (
     default_opset,
     elem_types,
     in_default_domain,
+    inferred_value_infos,
     model_constants,
     node_label,
     scopes,
@@ -36,27 +37,46 @@ if TYPE_CHECKING:
 
 
 def graph_census(model: onnx.ModelProto) -> tuple[dict[str, int], list[NormNode], list[Lint]]:
-    """Counts, found norm nodes/patterns and lints over every scope in the model."""
-    types = elem_types(model)
+    """Counts, found norm nodes/patterns and lints over every scope in the model.
+
+    A node belongs to at most one pattern: the first that matches (in graph order) claims it.
+    """
+    inferred = inferred_value_infos(model)
+    types = elem_types(model, inferred=inferred)
     consts = model_constants(model)
     opset = default_opset(model)
+    g = model.graph
+    declared = {vi.name: vi for vi in (*g.value_info, *g.input, *g.output)}
+    init = {t.name: t for t in g.initializer}
     counts: Counter[str] = Counter()
     found: list[NormNode] = []
     lints: list[Lint] = []
     for scope in scopes(model):
-        index = GraphIndex(scope.nodes)
+        # Subgraphs read the main graph's initializers and values by name.
+        index = GraphIndex(
+            scope.nodes,
+            init=init,
+            graph_inputs={v.name for v in g.input},
+            graph_outputs={v.name for v in (scope.graph or g).output},
+            declared=declared,
+            inferred=inferred,
+        )
         matches: list[Match] = []
+        claimed: set[int] = set()
         for node in scope.nodes:
             default = in_default_domain(node)
             if default and node.op_type in (*NATIVE_NORM_OPS, "Dropout"):
                 counts[node.op_type] += 1
             elif not default and "Norm" in node.op_type:
                 counts[f"{node.domain}.{node.op_type}"] += 1
-            match = match_at(index, node)
+            match = None if id(node) in claimed else match_at(index, node)
             if match is not None:
                 matches.append(match)
+                claimed.update(id(n) for n in match.nodes)
                 counts[match.kind] += 1
             native = default and node.op_type in NATIVE_NORM_OPS and bool(node.input)
+            if native and id(node) in claimed and match is None:
+                continue  # the InstanceNormalization inside a GroupNorm construction
             if native or match is not None:
                 kind = match.kind if match else node.op_type
                 dtype = types.get(match.data_input if match else node.input[0])

@@ -5,7 +5,7 @@ One set, used by the census (``inspect``, ``export``) and by ``verify``:
 - eval semantics (:func:`eval_mode_lints`): BatchNormalization in training mode, Dropout that is
   active or may be;
 - norm representation (:func:`norm_lints`): GroupNormalization-18's per-group affine, norms in
-  16-bit floats, epsilons that round to 0 in float16, decomposed LayerNorms.
+  16-bit floats, epsilons that round to 0 in float16, decomposed LayerNorms and RMSNorms.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx
 
-from normdeploy.census.patterns import DECOMPOSED_LAYERNORM, NATIVE_NORM_OPS, Match
+from normdeploy.census.patterns import NATIVE_FOR, NATIVE_NORM_OPS, Match
 from normdeploy.census.results import ERROR, WARNING, Lint
 from normdeploy.onnx_graph import (
     attr,
@@ -99,7 +99,10 @@ def _native_norm_lints(
     dtype = types.get(node.input[0]) if node.input else None
     if dtype in LOW_PRECISION:
         note = ""
-        if op == "LayerNormalization" and attr(node, "stash_type", 1) == 1:
+        if (
+            op in ("LayerNormalization", "RMSNormalization")
+            and attr(node, "stash_type", 1) == 1
+        ):
             note = " (stash_type=1 keeps the statistics in float32)"
         lints.append(_lint(
             "fp16-norm", WARNING, node,
@@ -115,18 +118,19 @@ def _native_norm_lints(
 
 
 def _decomposition_lints(m: Match, types: Mapping[str, str], consts: Constants) -> list[Lint]:
+    native, opset = NATIVE_FOR[m.kind]
     lints = [
         _lint(
-            "decomposed-layernorm", WARNING, m.anchor,
-            "LayerNorm written as ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div: slower than "
-            "LayerNormalization (opset >= 17) and unsafe in fp16",
+            f"decomposed-{m.norm.lower()}", WARNING, m.anchor,
+            f"{m.norm} written as {m.op_types()}: slower than {native} (opset >= {opset}) "
+            "and unsafe in fp16",
         )
     ]  # fmt: skip
     dtype = types.get(m.data_input)
     if dtype in LOW_PRECISION:
         lints.append(_lint(
             "fp16-norm", ERROR, m.anchor,
-            f"decomposed LayerNorm computed in {dtype}: Pow overflows for |x| > 256 "
+            f"decomposed {m.norm} computed in {dtype}: Pow overflows for |x| > 256 "
             "(65504 is the float16 maximum) and ReduceMean loses precision",
         ))  # fmt: skip
         eps_arr = tensor_value(consts.get(m.eps_value)) if m.eps_value else None
@@ -153,6 +157,6 @@ def norm_lints(
         for lint in _native_norm_lints(node, opset, types)
     ]
     for m in matches:
-        if m.kind == DECOMPOSED_LAYERNORM:
+        if m.kind in NATIVE_FOR:
             lints += _decomposition_lints(m, types, consts)
     return lints

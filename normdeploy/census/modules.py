@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from normdeploy.census.patterns import GROUPNORM_TRICK
-from normdeploy.census.results import ABSENT, DECOMPOSITION, FOLDED, NormEntry
+from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
+from normdeploy.census.results import ABSENT, FOLDED, NormEntry
 from normdeploy.errors import first_line
 from normdeploy.onnx_graph import graph_input_specs, node_label
 from normdeploy.reference import module_oracle, norm_kind
@@ -64,7 +64,12 @@ def classify(
             f"folded into {target.op_type} '{node_label(target)}' by the exporter ({rule})"
         )
         return Representation(FOLDED, detail, (target,))
-    for op in ("BatchNormalization", "LayerNormalization", "GroupNormalization"):
+    for op in (
+        "BatchNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "RMSNormalization",
+    ):
         if op in ops:
             main = next(n for n in nodes if n.op_type == op)
             extra = " with Reshape around it" if "Reshape" in ops else ""

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.census.patterns import (
+    describe_kind,
+    norm_of,
+    representation_of,
+)
+from normdeploy.report import fmt_num, markdown_table, name_list, text_table
 from normdeploy.verification.compare import Check
 
 # How a norm module can appear in the graph (NormEntry.representation), besides a native op
 # name or a named pattern (patterns.PATTERN_KINDS).
 FOLDED = "folded"
-DECOMPOSITION = "decomposition"
 ABSENT = "absent"
 ERROR, WARNING = "error", "warning"
 
@@ -26,9 +32,24 @@ class NormNode:
     module_path: str | None
     dtype: str | None
 
+    @property
+    def norm(self) -> str:
+        """The norm it computes: 'GroupNorm' for the InstanceNormalization construction."""
+        return norm_of(self.kind)
+
+    @property
+    def representation(self) -> str:
+        return representation_of(self.kind)
+
+    def describe(self) -> str:
+        """'GroupNorm as InstanceNormalization+Reshape', 'LayerNorm as LayerNormalization'."""
+        return describe_kind(self.kind)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
+            "norm": self.norm,
+            "representation": self.representation,
             "node": self.node,
             "graph": self.graph,
             "module_path": self.module_path,
@@ -54,6 +75,22 @@ class Lint:
             "node": self.node,
             "message": self.message,
         }
+
+
+def lint_groups(lints: Sequence[Lint]) -> list[tuple[Lint, list[str]]]:
+    """Lints that say the same thing (severity, code, message) once each, in first-seen order,
+    with every node they are about."""
+    groups: dict[tuple[str, str, str], tuple[Lint, list[str]]] = {}
+    for lint in lints:
+        key = (lint.severity, lint.code, lint.message)
+        groups.setdefault(key, (lint, []))[1].append(lint.node)
+    return list(groups.values())
+
+
+def lint_line(lint: Lint, nodes: Sequence[str]) -> str:
+    """'[warning] dropout at drop1: …', or 'at 9 nodes (a, b, c (+6 more))' for a group."""
+    where = nodes[0] if len(nodes) == 1 else f"{len(nodes)} nodes ({name_list(nodes)})"
+    return f"[{lint.severity}] {lint.code} at {where}: {lint.message}"
 
 
 @dataclass(frozen=True)
@@ -125,6 +162,16 @@ class Census:
     def lint_codes(self) -> set[str]:
         return {lint.code for lint in self.lints}
 
+    @property
+    def errors(self) -> tuple[Lint, ...]:
+        """Lints of severity error: ``inspect`` exits 1 on them (the census itself passes)."""
+        return tuple(lint for lint in self.lints if lint.severity == ERROR)
+
+    def norm_summary(self) -> str:
+        """'2× GroupNorm as InstanceNormalization+Reshape, 1× LayerNorm as decomposition'."""
+        counts = Counter(n.describe() for n in self.norm_nodes)
+        return ", ".join(f"{v}× {k}" for k, v in counts.items())
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": self.source,
@@ -166,30 +213,31 @@ class Census:
 
     def to_text(self) -> str:
         opset = "?" if self.opset is None else self.opset
-        lines = [
-            f"Norm census of {self.source} (opset {opset})",
-            f"ops: {self._counts_line()}",
-        ]
+        lines = [f"Norm census of {self.source} (opset {opset})"]
+        if self.norm_nodes:
+            lines.append(f"norms: {self.norm_summary()}")
+        lines.append(f"ops: {self._counts_line()}")
         if self.entries:
             lines += ["", text_table(self._ENTRY_HEADERS, self._entry_rows())]
         elif self.norm_nodes:
             rows = [
-                [n.kind, n.node, n.module_path or "-", n.dtype or "?", n.graph]
+                [n.describe(), n.node, n.module_path or "-", n.dtype or "?", n.graph]
                 for n in self.norm_nodes
             ]
             headers = ("norm", "node", "module", "dtype", "graph")
             lines += ["", text_table(headers, rows)]
         if self.lints:
             lines += ["", "lints:"]
-            lines += [
-                f"  [{x.severity}] {x.code} at {x.node}: {x.message}" for x in self.lints
-            ]
+            lines += [f"  {lint_line(lint, nodes)}" for lint, nodes in lint_groups(self.lints)]
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
         opset = "?" if self.opset is None else self.opset
-        out = [f"### Norm census of `{self.source}` (opset {opset})", "", self._counts_line()]
+        out = [f"### Norm census of `{self.source}` (opset {opset})", ""]
+        if self.norm_nodes:
+            out += [f"Norms: {self.norm_summary()}", ""]
+        out.append(self._counts_line())
         if self.entries:
             out += ["", markdown_table(self._ENTRY_HEADERS, self._entry_rows())]
         if self.lints:

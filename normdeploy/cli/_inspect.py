@@ -18,9 +18,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "inspect",
         help="list the norm ops and patterns in an ONNX file, with deployment lints",
         description="Count BatchNormalization/LayerNormalization/GroupNormalization/"
-        "InstanceNormalization ops and the decomposed LayerNorm and GroupNorm patterns, and "
-        "lint them. With --module, also say how each PyTorch norm layer was written and "
-        "confirm it numerically (exit 1 when a confirmation fails).",
+        "InstanceNormalization/RMSNormalization ops and the decomposed LayerNorm, RMSNorm and "
+        "GroupNorm patterns, name the norm each one is, and lint them. With --module, also say "
+        "how each PyTorch norm layer was written and confirm it numerically. Exit 1 when a "
+        "confirmation fails or an [error] lint is printed, 0 otherwise (warnings included).",
     )
     p.add_argument("onnx", metavar="MODEL.onnx", help="ONNX file to inspect")
     p.add_argument(
@@ -48,4 +49,4 @@ def run(args: argparse.Namespace) -> int:
         module, example_inputs = resolved.module, resolved.example_inputs
     census = inspect(args.onnx, module=module, example_inputs=example_inputs)
     emit(census, args)
-    return 0 if census.passed else 1
+    return 0 if census.passed and not census.errors else 1

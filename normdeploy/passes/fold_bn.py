@@ -6,6 +6,13 @@ of a constant per-channel bias; P's weight and bias absorb the BN (a MatMul has 
 becomes ``Add(x, t)``). *Following*: ``C(BN(x))`` with C an unpadded Conv or a Gemm on the BN
 output.
 
+Both directions also fold through shape-only ops (Reshape, Flatten, Transpose, Squeeze,
+Unsqueeze) between the BN and P or C — LeViT's ``Linear → Flatten → BatchNorm1d → Reshape``, a
+token MLP's ``Linear → Transpose → BatchNorm1d → Transpose`` — when the BN's channel axis
+(axis 1 of its input) provably is exactly P's output-feature axis (C's input-feature axis): the
+proof is :mod:`normdeploy.passes.axis_map`'s, from shapes that onnx shape inference derives from
+the graph (declared value_info fills what it leaves unknown). The shape-only ops stay in place.
+
 Everything is computed in float64 and cast once to the weight's dtype; a result that does not fit
 that dtype (fp16 overflow) is refused. A fold that is not provably exact is skipped and the
 ledger says why: the producer's output has other readers or is a graph output, parameters are
@@ -32,6 +39,7 @@ from normdeploy.onnx_graph import (
     attr_str,
     default_opset,
     in_default_domain,
+    inferred_value_infos,
     nested_graphs,
     node_label,
     np_dtype,
@@ -46,6 +54,7 @@ from normdeploy.passes import (
     PassContractError,
     PassResult,
 )
+from normdeploy.passes.axis_map import ShapeStep, trace_back, trace_forward
 from normdeploy.passes.fold_math import (
     bn_scale_shift,
     fit_reason,
@@ -64,6 +73,9 @@ MIN_OPSET = 9  # BatchNormalization before opset 9 had the `spatial`/`is_test` s
 CHECKER_MAX_BYTES = 64 * 2**20
 _PRODUCERS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 _ROLES = ("X", "W", "B")
+# Ops that only regroup or reorder elements: a BN behind them folds when its channel axis maps
+# to one axis of the producer's output (see axis_map).
+SHAPE_ONLY_OPS = ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze")
 
 
 def is_batch_norm(node: onnx.NodeProto) -> bool:
@@ -110,7 +122,9 @@ class _Plan:
     updates: list[tuple[onnx.NodeProto, int, np.ndarray]] = field(default_factory=list)
     attrs: dict[str, Any] = field(default_factory=dict)
     rewire: onnx.NodeProto | None = None  # preceding: this node's output becomes BN's output
+    reader: onnx.NodeProto | None = None  # following: this node reads BN's input instead
     shift: np.ndarray | None = None  # MatMul without a bias Add: BN becomes Add(x, shift)
+    chain: tuple[onnx.NodeProto, ...] = ()  # shape-only ops between the BN and the target
 
     def check_fits(self, t: np.ndarray) -> None:
         values = [v for _, _, v in self.updates]
@@ -133,7 +147,7 @@ class FoldBatchNorm(GraphPass):
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         names = NameAllocator(model, "_bnfold")
-        ledger = self._fold_graph(model.graph, names, "main")
+        ledger = self._fold_graph(model, names, "main")
         ledger += self._nested_bns(model)
         return PassResult(model, any(e.applied for e in ledger), tuple(ledger))
 
@@ -171,12 +185,16 @@ class FoldBatchNorm(GraphPass):
         ]
 
     def _fold_graph(
-        self, graph: onnx.GraphProto, names: NameAllocator, graph_name: str
+        self, model: onnx.ModelProto, names: NameAllocator, graph_name: str
     ) -> list[LedgerEntry]:
+        graph = model.graph
         index = GraphIndex.of(graph)
         editor = GraphEditor(graph, index, names)
         ledger = []
-        for bn in [n for n in graph.node if is_batch_norm(n)]:
+        bns = [n for n in graph.node if is_batch_norm(n)]
+        if any(_next_to_shape_ops(index, bn) for bn in bns):
+            index.inferred = inferred_value_infos(model)  # the axis proofs need shapes
+        for bn in bns:
             label = node_label(bn)
             try:
                 plan = self._plan(index, bn)
@@ -193,9 +211,12 @@ class FoldBatchNorm(GraphPass):
                 continue
             _apply(editor, bn, plan)
             target = node_label(plan.target)  # after the edit: an unnamed target's new output
-            note = (
-                "shift kept as an Add (MatMul has no bias)" if plan.shift is not None else ""
-            )
+            notes = []
+            if plan.chain:
+                notes.append("through " + ", ".join(_step_label(n) for n in plan.chain))
+            if plan.shift is not None:
+                notes.append("shift kept as an Add (MatMul has no bias)")
+            note = "; ".join(notes)
             ledger.append(
                 LedgerEntry(
                     label,
@@ -279,21 +300,112 @@ def _bias_add_producer(
         const = index.const_array(node.input[1 - i])
         producer = index.producer.get(node.input[i])
         if const is not None and producer is not None:
-            if (why := index.sole_reader(node.input[i], node)) is not None:
+            if (why := index.sole_reader(node.input[i], node, shape_reads=True)) is not None:
                 raise _Skip(f"preceding: {why}")
             return producer, 1 - i, const, node
     raise _Skip("preceding: Add without a constant operand")
 
 
+def _is_shape_only(node: onnx.NodeProto) -> bool:
+    return node.op_type in SHAPE_ONLY_OPS and in_default_domain(node) and bool(node.input)
+
+
+def _next_to_shape_ops(index: GraphIndex, bn: onnx.NodeProto) -> bool:
+    before = index.producer.get(bn.input[0]) if bn.input else None
+    after = index.consumers.get(bn.output[0], []) if bn.output else []
+    return (before is not None and _is_shape_only(before)) or any(map(_is_shape_only, after))
+
+
+def _step_label(node: onnx.NodeProto) -> str:
+    return f"{node.op_type} '{node_label(node)}'"
+
+
+def _shape_steps(index: GraphIndex, chain: list[onnx.NodeProto], side: str) -> list[ShapeStep]:
+    """The chain as :class:`ShapeStep`s: shapes of each op's data input and output, and a
+    Transpose's permutation."""
+    steps = []
+    for node in chain:
+        in_shape, out_shape = index.shape(node.input[0]), index.shape(node.output[0])
+        perm = None
+        if node.op_type == "Transpose":
+            given = attr(node, "perm")
+            if given is None:  # the default reverses the axes
+                rank = len(in_shape) if in_shape is not None else index.rank(node.input[0])
+                if rank is None:
+                    raise _Skip(
+                        f"{side}: {_step_label(node)} reverses an input of unknown rank"
+                    )
+                given = list(reversed(range(rank)))
+            perm = tuple(int(a) for a in given)
+        steps.append(ShapeStep(_step_label(node), in_shape, out_shape, perm))
+    return steps
+
+
+def _step_rank(step: ShapeStep, out: bool) -> int | None:
+    shape = step.out_shape if out else step.in_shape
+    if shape is not None:
+        return len(shape)
+    return len(step.perm) if step.perm is not None else None
+
+
+def _chain_up(
+    index: GraphIndex, bn: onnx.NodeProto
+) -> tuple[list[onnx.NodeProto], str, onnx.NodeProto]:
+    """Shape-only ops feeding the BN (ordered producer → BN), the value entering them, and that
+    value's reader; each link is read by the next alone.
+
+    The BN's own input takes the BN output's name after the fold, so nothing else may read it,
+    not even its shape; values further up keep their names and shapes, so a Shape/Size reader
+    there (reshape_as) sees what it saw before.
+    """
+    chain: list[onnx.NodeProto] = []
+    value, reader = bn.input[0], bn
+    if (why := index.sole_reader(value, reader)) is not None:
+        raise _Skip(f"preceding: {why}")
+    node = index.producer.get(value)
+    while node is not None and _is_shape_only(node) and node.output[0] == value:
+        chain.insert(0, node)
+        value, reader = node.input[0], node
+        if (why := index.sole_reader(value, reader, shape_reads=True)) is not None:
+            raise _Skip(f"preceding: {why}")
+        node = index.producer.get(value)
+    return chain, value, reader
+
+
+def _preceding_axis(
+    index: GraphIndex, chain: list[onnx.NodeProto]
+) -> tuple[int, int | None, int | None]:
+    """(axis, rank) of the producer's output that the BN's channel axis is, and the BN
+    input's rank; without shape-only ops the BN reads the output itself (axis 1, rank
+    unknown here)."""
+    if not chain:
+        return 1, None, None
+    steps = _shape_steps(index, chain, "preceding")
+    found = trace_back(steps, 1)
+    if found.axis is None:
+        raise _Skip(f"preceding: {found.reason}")
+    rank = _step_rank(steps[0], out=False)
+    if rank is None:
+        raise _Skip(f"preceding: the rank of {steps[0].label}'s input is unknown")
+    return found.axis, rank, _step_rank(steps[-1], out=True)
+
+
+def _require_feature_axis(op: str, axis: int, rank: int, feature: int, side: str) -> None:
+    if axis != feature % rank:
+        what = "output" if side == "preceding" else "input"
+        raise _Skip(
+            f"{side}: the BN's channel axis is axis {axis} of {op}'s {rank}-D {what}; its "
+            f"features are axis {feature % rank}"
+        )
+
+
 def _plan_preceding(
     index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray
 ) -> _Plan:
-    x = bn.input[0]
+    chain, x, _ = _chain_up(index, bn)
     node = index.producer.get(x)
     if node is None:
         raise _Skip("preceding: input is not produced by a node")
-    if (why := index.sole_reader(x, bn)) is not None:
-        raise _Skip(f"preceding: {why}")
     add_node: onnx.NodeProto | None = None
     add_slot, add_const = 0, np.zeros(())
     if node.op_type == "Add" and in_default_domain(node):
@@ -305,18 +417,24 @@ def _plan_preceding(
         )
     if node.output[0] != (add_node.input[1 - add_slot] if add_node else x):
         raise _Skip(f"preceding: BN reads a secondary output of {op}")
-    w, b, dtype = _weights(index, node, "preceding")
     c = len(s)
-    plan = _Plan("preceding", node, dtype, rewire=add_node or node)
+    axis, chain_rank, bn_rank = _preceding_axis(index, chain)
+    w, b, dtype = _weights(index, node, "preceding")
+    plan = _Plan("preceding", node, dtype, rewire=chain[-1] if chain else add_node or node)
+    plan.chain = tuple(chain)
     if op in ("Conv", "ConvTranspose"):
         group = int(attr(node, "group", 1))
         c_out = output_channels(w.shape, op, group=group) if w.ndim >= 3 else None
         if c_out is None:
             raise _Skip(f"preceding: {op} weight shape {w.shape} does not match group={group}")
+        out_rank = w.ndim
+        _require_feature_axis(op, axis, chain_rank or out_rank, 1, "preceding")
+        if chain_rank not in (None, out_rank):
+            raise _Skip(
+                f"preceding: {op} output is {out_rank}-D, the shape ops read {chain_rank}-D"
+            )
         if c_out != c:
             raise _Skip(f"preceding: {op} has {c_out} output channels, BN has {c}")
-        channel_shape: tuple[int, ...] = (c,) + (1,) * (w.ndim - 2)
-        out_rank = w.ndim
         if b is not None and np.asarray(b).size != c:
             raise _Skip(f"preceding: {op} bias has {np.asarray(b).size} values, BN has {c}")
         if b is not None or add_node is None:
@@ -328,13 +446,14 @@ def _plan_preceding(
         else:
             plan.updates.append((node, 1, scale_output_channels(w, s, op, group=group)))
     elif op == "Gemm":
+        out_rank = 2
+        _require_feature_axis(op, axis, chain_rank or out_rank, 1, "preceding")
         trans_b = bool(attr(node, "transB", 0))
         n_out = output_channels(w.shape, op, trans_b=trans_b)
         if n_out != c:
             raise _Skip(f"preceding: Gemm has {n_out} output features, BN has {c}")
         plan.updates.append((node, 1, scale_output_channels(w, s, op, trans_b=trans_b)))
         beta = float(attr(node, "beta", 1.0))
-        channel_shape, out_rank = (c,), 2
         if b is not None and beta != 0:
             # Y = alpha·A·B + beta·C: scaling B and C by s scales Y by s
             cb = np.asarray(b, np.float64)
@@ -344,22 +463,29 @@ def _plan_preceding(
         elif add_node is None:
             plan.updates.append((node, 2, t.copy()))
             plan.attrs["beta"] = 1.0
-    else:  # MatMul: BN's channel axis 1 is the feature axis only for a 2-D product
-        rank = index.rank(node.input[0])
-        if rank != 2:
-            raise _Skip(
-                "preceding: MatMul input rank unknown"
-                if rank is None
-                else f"preceding: MatMul output is {rank}-D; BN's channel axis 1 is not "
-                "the feature axis"
-            )
+    else:  # MatMul: the feature axis is the last one of its output
+        if chain_rank is None:
+            rank = index.rank(node.input[0])
+            if rank != 2:
+                raise _Skip(
+                    "preceding: MatMul input rank unknown"
+                    if rank is None
+                    else f"preceding: MatMul output is {rank}-D; BN's channel axis 1 is not "
+                    "the feature axis"
+                )
+            out_rank = 2
+        else:
+            out_rank = chain_rank
+            _require_feature_axis(op, axis, out_rank, -1, "preceding")
         if w.ndim != 2 or w.shape[1] != c:
             raise _Skip(f"preceding: MatMul has {w.shape[-1]} output features, BN has {c}")
         plan.updates.append((node, 1, scale_output_channels(w, s, op)))
-        channel_shape, out_rank = (c,), 2
         if add_node is None:
-            plan.shift, plan.rewire = t, None
+            # The BN becomes Add(x, t) on its own input: t along that input's axis 1.
+            plan.shift = t.reshape((c,) + (1,) * max(0, (bn_rank or 2) - 2))
+            plan.rewire = None
     if add_node is not None:
+        channel_shape = (c,) + (1,) * (out_rank - 1 - axis)
         folded = fold_bias_constant(add_const, s, t, channel_shape, out_rank)
         if folded is None:
             raise _Skip("preceding: bias Add is not per-channel")
@@ -371,25 +497,63 @@ def _plan_preceding(
     return plan
 
 
-def _plan_following(
-    index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray
-) -> _Plan:
+def _chain_down(
+    index: GraphIndex, bn: onnx.NodeProto
+) -> tuple[list[onnx.NodeProto], str, onnx.NodeProto]:
+    """Shape-only ops reading the BN output (ordered BN → consumer), the value leaving them, and
+    its one reader; each link is read by the next alone."""
     y = bn.output[0]
     users = index.consumers.get(y, [])
     if y in index.graph_outputs or len(users) != 1 or y in index.subgraph_uses:
         raise _Skip("following: BN output has other readers or is a graph output")
-    node = users[0]
+    chain: list[onnx.NodeProto] = []
+    value, node = y, users[0]
+    while _is_shape_only(node) and node.input[0] == value:
+        chain.append(node)
+        value = node.output[0]
+        users = index.consumers.get(value, [])
+        if (why := index.sole_reader(value, users[0] if users else node)) is not None:
+            raise _Skip(f"following: {why}")
+        node = users[0]
+    return chain, value, node
+
+
+def _following_axis(index: GraphIndex, chain: list[onnx.NodeProto]) -> tuple[int, int | None]:
+    """(axis, rank) of the consumer's input that the BN's channel axis becomes."""
+    if not chain:
+        return 1, None
+    steps = _shape_steps(index, chain, "following")
+    found = trace_forward(steps, 1)
+    if found.axis is None:
+        raise _Skip(f"following: {found.reason}")
+    rank = _step_rank(steps[-1], out=True)
+    if rank is None:
+        raise _Skip(f"following: the rank of {steps[-1].label}'s output is unknown")
+    return found.axis, rank
+
+
+def _plan_following(
+    index: GraphIndex, bn: onnx.NodeProto, s: np.ndarray, t: np.ndarray
+) -> _Plan:
+    chain, value, node = _chain_down(index, bn)
     op = node.op_type
     if not in_default_domain(node) or op not in ("Conv", "Gemm"):
         raise _Skip(
             f"following: {node.domain + '.' if node.domain else ''}{op} is not foldable"
         )
-    if node.input[0] != y:
+    if node.input[0] != value:
         raise _Skip(f"following: BN output is not {op}'s data input")
-    w, b, dtype = _weights(index, node, "following")
     c = len(s)
-    plan = _Plan("following", node, dtype)
+    axis, chain_rank = _following_axis(index, chain)
+    w, b, dtype = _weights(index, node, "following")
+    plan = _Plan("following", node, dtype, reader=chain[0] if chain else node)
+    plan.chain = tuple(chain)
     if op == "Conv":
+        _require_feature_axis(op, axis, chain_rank or w.ndim, 1, "following")
+        if chain_rank not in (None, w.ndim):
+            raise _Skip(
+                f"following: Conv input is {w.ndim}-D, the shape ops give {chain_rank}-D"
+            )
         pads = list(attr(node, "pads", []))
         if any(pads) or attr_str(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
             raise _Skip(
@@ -406,6 +570,7 @@ def _plan_following(
     else:  # Gemm: A' = A·s + t  →  B' = diag(s)·B, C' = C + (alpha/beta)·t·B
         if attr(node, "transA", 0):
             raise _Skip("following: Gemm with transA=1 normalizes the wrong axis")
+        _require_feature_axis(op, axis, chain_rank or 2, 1, "following")
         trans_b = bool(attr(node, "transB", 0))
         k = w.shape[1] if trans_b else w.shape[0]
         if w.ndim != 2 or k != c:
@@ -448,5 +613,6 @@ def _apply(editor: GraphEditor, bn: onnx.NodeProto, plan: _Plan) -> None:
         assert plan.rewire is not None
         editor.rename_output(plan.rewire, 0, y)
     else:
-        editor.rewire_input(plan.target, 0, x)
+        assert plan.reader is not None
+        editor.rewire_input(plan.reader, 0, x)
         editor.gone.add(y)

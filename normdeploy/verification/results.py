@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from normdeploy.census.results import ERROR, Lint
+from normdeploy.census.results import ERROR, Lint, lint_groups
 from normdeploy.errors import VerificationFailed
 from normdeploy.modes import TrainModeReport
-from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.report import fmt_num, markdown_table, name_list, text_table
 from normdeploy.verification.bisection import Bisection
 from normdeploy.verification.compare import REFERENCE, Check
 from normdeploy.verification.runners import provider_alias
@@ -66,7 +66,13 @@ class VerifyResult:
         """One line saying what is wrong, or None when everything passed."""
         if self.passed:
             return None
-        parts = [f.message for f in self.graph_flags if f.severity == ERROR]
+        parts = [
+            lint.message
+            + ("" if len(nodes) == 1 else f" ({len(nodes)} nodes: {name_list(nodes)})")
+            for lint, nodes in lint_groups(
+                [f for f in self.graph_flags if f.severity == ERROR]
+            )
+        ]
         kinds = sorted({c.kind for c in self.failures})
         culprit = worst(self.failures)
         if culprit is not None:
@@ -148,7 +154,10 @@ class VerifyResult:
     def to_text(self) -> str:
         lines = [f"{k + ':':13s} {v}" for k, v in self._summary_pairs()]
         lines += ["", text_table(self._HEADERS, self._rows())]
-        lines += [f"{f.severity}: {f.node} ({f.op}): {f.message}" for f in self.graph_flags]
+        lines += [
+            f"{f.severity}: {name_list(nodes)} ({f.op}): {f.message}"
+            for f, nodes in lint_groups(self.graph_flags)
+        ]
         lines += [f"note: {n}" for n in self.notes]
         if self.bisection is not None:
             lines += ["", self.bisection.to_text()]
