@@ -40,6 +40,8 @@ class RepVggBlock(nn.Module):
         self.identity = nn.BatchNorm2d(cout) if use_identity else None
         self.conv_kxk = ConvNorm(cin, cout, 3, stride, groups)
         self.conv_1x1 = ConvNorm(cin, cout, 1, stride, groups)
+        self.attn = nn.Identity()  # timm: no attention layer configured
+        self.drop_path = nn.Identity()  # timm: drop_path_rate 0 (inference)
         self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +50,9 @@ class RepVggBlock(nn.Module):
         else:
             identity = self.identity(x)
             x = self.conv_1x1(x) + self.conv_kxk(x)
-            x = x + identity
+            x = self.drop_path(x)
+            x += identity
+        x = self.attn(x)
         return self.act(x)
 
 
