@@ -131,3 +131,11 @@ class MobileOneBlock(nn.Module):
         for conv in self.conv_kxk:
             out += conv(x)
         return self.act(out)
+
+
+def repvgg_mini() -> tuple[RepVgg, tuple[torch.Tensor]]:
+    """A small RepVGG (stem 8, stages 8/16 with 2 blocks each: 12 BatchNorms, 2 of them
+    identity branches) and its example input, for ``deploy models.reparam:repvgg_mini``."""
+    torch.manual_seed(1)
+    model = calibrate(RepVgg((8, 8, 16), (1, 2, 2), num_classes=10), (3, 16, 16), seed=1)
+    return model, (torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2)),)

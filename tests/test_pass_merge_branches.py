@@ -12,7 +12,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from fold_support import bn_params, initializer, ops, parse, run, w
+from fold_support import branch, graph, identity, initializer, ops, run, w
 
 from normdeploy.folding import fold_bn
 from normdeploy.passes import KEPT, MERGED
@@ -52,36 +52,6 @@ def merge_and_check(model: onnx.ModelProto, expect_ops: dict[str, int], rel: flo
     assert [i.name for i in result.model.graph.input] == [i.name for i in model.graph.input]
     assert_close_to_scale(model, result.model, rel)
     return result
-
-
-def branch(name: str, x: str, k: int, c_in: int, c_out: int, attrs: str = "", group: int = 1,
-           dtype=np.float32) -> tuple[str, dict[str, np.ndarray]]:  # fmt: skip
-    """Conv (no bias) → BatchNormalization, output ``name``; pads k//2 unless ``attrs`` says."""
-    attrs = attrs or f"pads=[{k // 2},{k // 2},{k // 2},{k // 2}]"
-    if group > 1:
-        attrs += f", group={group}"
-    text = (
-        f"{name}_c = Conv <{attrs}> ({x}, {name}_W)\n"
-        f"{name} = BatchNormalization ({name}_c, {name}g, {name}b, {name}m, {name}v)\n"
-    )
-    inits = {f"{name}_W": w(c_out, c_in // group, k, k, dtype=dtype)}
-    inits.update(bn_params(c_out, dtype, prefix=name))
-    return text, inits
-
-
-def identity(name: str, x: str, c: int, dtype=np.float32) -> tuple[str, dict[str, np.ndarray]]:
-    return (
-        f"{name} = BatchNormalization ({x}, {name}g, {name}b, {name}m, {name}v)\n",
-        bn_params(c, dtype, prefix=name),
-    )
-
-
-def graph(inputs: str, outputs: str, *parts: tuple[str, dict], body: str = "", **kw):
-    text = "".join(p[0] for p in parts) + body
-    inits: dict[str, np.ndarray] = {}
-    for p in parts:
-        inits.update(p[1])
-    return parse(f"G ({inputs}) => ({outputs}) {{\n{text}}}", inits, **kw)
 
 
 def entry(result, op: str = ""):
