@@ -14,8 +14,6 @@ from normdeploy.passes.merge_math import (
     ConvTerm,
     IdentityTerm,
     alignment_reason,
-    embed_kernel,
-    identity_kernel,
     merge_branches,
     tap_offsets,
 )
@@ -121,14 +119,14 @@ def test_a_refused_branch_has_no_exact_place_in_the_base_kernel(
 
 
 @pytest.mark.parametrize("group", [1, 2, 6], ids=["dense", "group2", "depthwise"])
-def test_identity_kernel_is_x_times_s_in_every_group_layout(group) -> None:
+def test_identity_term_is_x_times_s_plus_t_in_every_group_layout(group) -> None:
     c = 6
-    s = RNG.normal(size=c)
-    w = identity_kernel(s, group, (3, 3), (1, 1))
-    assert w.shape == (c, c // group, 3, 3)
+    s, t = RNG.normal(size=c), RNG.normal(size=c)
+    w, b = merge_branches((c, c // group, 3, 3), group, [], [IdentityTerm(s, t, (1, 1))])
     x = RNG.normal(size=(2, c, 5, 5))
-    y = conv_oracle(x, w, None, geometry(3, pb=1, pe=1, group=group, n=2))
-    np.testing.assert_allclose(y, x * s.reshape(1, c, 1, 1), RTOL64, ATOL64)
+    y = conv_oracle(x, w, b, geometry(3, pb=1, pe=1, group=group, n=2))
+    expected = x * s.reshape(1, c, 1, 1) + t.reshape(1, c, 1, 1)
+    np.testing.assert_allclose(y, expected, RTOL64, ATOL64)
 
 
 @pytest.mark.parametrize("group", [1, 2], ids=["dense", "group2"])
@@ -158,13 +156,12 @@ def test_repvgg_block_merges_into_one_conv(group) -> None:
     np.testing.assert_allclose(conv_oracle(x, w, b, g3), expected, RTOL64, ATOL64)
 
 
-def test_embed_kernel_places_the_taps_and_leaves_zeros_elsewhere() -> None:
+def test_a_small_kernel_lands_at_its_offset_and_nowhere_else() -> None:
     w = RNG.normal(size=(2, 1, 1, 2))
-    out = embed_kernel(w, (3, 3), (2, 0))
-    assert out.shape == (2, 1, 3, 3)
-    np.testing.assert_array_equal(out[:, :, 2, 0:2], w[:, :, 0, :])
-    out[:, :, 2, 0:2] = 0
-    assert not out.any()
+    merged, _ = merge_branches((2, 1, 3, 3), 1, [ConvTerm(w, None, (2, 0))])
+    np.testing.assert_array_equal(merged[:, :, 2, 0:2], w[:, :, 0, :])
+    merged[:, :, 2, 0:2] = 0
+    assert not merged.any()
 
 
 # ----------------------------------------------------------------------------- reasons

@@ -113,31 +113,17 @@ def tap_offsets(base: ConvGeometry, branch: ConvGeometry) -> tuple[int, ...]:
     )
 
 
-def embed_kernel(w: np.ndarray, kernel: Sequence[int], offsets: Sequence[int]) -> np.ndarray:
-    """A float64 copy of conv weight ``w`` (C_out, C_in/g, k…) zero-padded to ``kernel``, its
-    taps starting at ``offsets``."""
-    w = np.asarray(w, np.float64)
-    out = np.zeros((*w.shape[:2], *kernel))
-    where = tuple(slice(o, o + k) for o, k in zip(offsets, w.shape[2:], strict=True))
-    region = (slice(None), slice(None), *where)
-    out[region] = w
-    return out
+def _taps(offsets: Sequence[int], kernel: Sequence[int]) -> tuple[slice, ...]:
+    """Index of a (C_out, C_in/g, k…) weight placed at tap ``offsets`` of a larger kernel."""
+    where = tuple(slice(o, o + k) for o, k in zip(offsets, kernel, strict=True))
+    return (slice(None), slice(None), *where)
 
 
-def identity_kernel(
-    s: np.ndarray, group: int, kernel: Sequence[int], offsets: Sequence[int]
-) -> np.ndarray:
-    """The conv weight (C, C/g, k…) of ``x·s`` per channel: ``s[o]`` at input channel ``o`` of
-    output channel ``o`` (index ``o mod C/g`` within its group), tap ``offsets``, zero elsewhere."""
-    s = np.asarray(s, np.float64).reshape(-1)
-    c = len(s)
-    per_group = c // group
-    out = np.zeros((c, per_group, *kernel))
+def _identity_taps(c: int, group: int, offsets: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Index of weight entry [o, o mod C/g, offsets…] for every channel o: input channel o of
+    output channel o, which lies in the same group when C_in = C_out = C."""
     channels = np.arange(c)
-    taps = tuple(np.full(c, o) for o in offsets)
-    entries = (channels, channels % per_group, *taps)
-    out[entries] = s
-    return out
+    return (channels, channels % (c // group), *(np.full(c, o) for o in offsets))
 
 
 @dataclass(frozen=True)
@@ -170,14 +156,15 @@ def merge_branches(
     :func:`tap_offsets` against the base's geometry.
     """
     c_out = int(weight_shape[0])
-    kernel = tuple(int(k) for k in weight_shape[2:])
     w = np.zeros(tuple(int(d) for d in weight_shape))
     b = np.zeros(c_out)
     for conv in convs:
-        w += embed_kernel(conv.weight, kernel, conv.offsets)
+        # in place, so a large kernel costs no float64 copies beyond the result
+        weight = np.asarray(conv.weight)
+        w[_taps(conv.offsets, weight.shape[2:])] += weight
         if conv.bias is not None:
             b += np.asarray(conv.bias, np.float64).reshape(-1)
     for ident in identities:
-        w += identity_kernel(ident.scale, group, kernel, ident.offsets)
+        w[_identity_taps(c_out, group, ident.offsets)] += np.asarray(ident.scale).reshape(-1)
         b += np.asarray(ident.shift, np.float64).reshape(-1)
     return w, b
