@@ -28,16 +28,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from normdeploy.errors import InvalidModelError
 from normdeploy.onnx_graph import (
     GraphIndex,
     NotLoadedError,
     attr,
     attr_str,
-    default_opset,
     in_default_domain,
     node_label,
-    undefined_input,
 )
 from normdeploy.passes import (
     FOLDED,
@@ -50,13 +47,13 @@ from normdeploy.passes import (
     Sequential,
 )
 from normdeploy.passes.fold_bn import (
-    MIN_OPSET,
     FoldBatchNorm,
     _Invalid,
     _Skip,
     _weights,
     batch_norm_affine,
     is_batch_norm,
+    validate_for_folding,
 )
 from normdeploy.passes.fold_math import fit_reason
 from normdeploy.passes.merge_math import (
@@ -315,19 +312,7 @@ class MergeParallelBranches(GraphPass):
     stage = "merge"
 
     def requires(self, model: onnx.ModelProto, source: str) -> None:
-        # The cheap part of fold-bn's check (it runs first in fold-bn, with onnx.checker):
-        # rewritten sums become Sum-8 (broadcasting), and every value must be defined.
-        opset = default_opset(model)
-        if opset is not None and opset < MIN_OPSET:
-            raise InvalidModelError(
-                f"{source}: opset {opset} is older than the oldest supported ({MIN_OPSET})"
-            )
-        if (where := undefined_input(model.graph)) is not None:
-            node, name = where
-            raise InvalidModelError(
-                f"{source}: node '{node_label(node)}' reads '{name}', which nothing defines "
-                "before it"
-            )
+        validate_for_folding(model, source)
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         names = NameAllocator(model, "_merged")
@@ -543,6 +528,10 @@ class FoldBatchNormAndMerge(Sequential):
 
     def __init__(self) -> None:
         super().__init__(FoldBatchNorm(), MergeParallelBranches())
+
+    def requires(self, model: onnx.ModelProto, source: str) -> None:
+        # both passes require the same (validate_for_folding): run onnx.checker once
+        validate_for_folding(model, source)
 
     def ensures(self, model: onnx.ModelProto, result: PassResult) -> None:
         super().ensures(model, result)
