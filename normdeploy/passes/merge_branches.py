@@ -331,16 +331,17 @@ class MergeParallelBranches(GraphPass):
     ) -> list[LedgerEntry]:
         index = GraphIndex.of(graph)
         editor = GraphEditor(graph, index, names)
-        ledger: list[LedgerEntry] = []
+        per_tree: list[list[LedgerEntry]] = []
         absorbed: set[int] = set()
+        # from the last node up: a chain's outermost sum comes first and takes in the rest
         for root in [n for n in reversed(graph.node) if _is_sum(n)]:
             if id(root) in absorbed:
                 continue
             tree = _sum_tree(index, root)
             absorbed.update(id(n) for n in tree.nodes)
-            ledger += self._merge_tree(editor, tree, graph_name)
+            per_tree.append(self._merge_tree(editor, tree, graph_name))
         editor.finish()
-        return ledger
+        return [e for entries in reversed(per_tree) for e in entries]  # in graph order
 
     def _merge_tree(
         self, editor: GraphEditor, tree: _Tree, graph_name: str
