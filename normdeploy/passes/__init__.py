@@ -48,9 +48,8 @@ class LedgerEntry:
     target_op: str = ""
     reason: str = ""  # why it was kept, or a note on how it was applied
     invalid: bool = False  # the node's own parameters are broken (NaN/inf, var + eps <= 0)
-    op: str = (
-        ""  # the node's op type when it is not the pass's subject (a merged Add), else ""
-    )
+    # the node's op type when it is not the pass's subject (a sum of merged branches), else ""
+    op: str = ""
 
     @property
     def applied(self) -> bool:
