@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fold_bn_bench
 import latency_bench
+import merge_bench
 import norm_repr_bench
 import overhead_bench
 from _common import machine_line
@@ -24,6 +25,7 @@ from _common import machine_line
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
     "fold": fold_bn_bench.main,
     "latency": latency_bench.main,
+    "merge": merge_bench.main,
     "norms": norm_repr_bench.main,
     "overhead": overhead_bench.main,
 }
@@ -37,6 +39,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
     return {
         "fold": ["--sizes", *sizes, "--repeats", str(fold_repeats)],
         "latency": ["--rounds", rounds],
+        "merge": ["--rounds", rounds, "--repeats", str(repeats or (5 if full else 3))],
         "norms": ["--rounds", rounds],
         "overhead": ["--repeats", str(repeats or (5 if full else 3))]
         + ([] if full else ["--models", "resnet_mini", "groupnorm32_cnn"]),

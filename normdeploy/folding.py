@@ -4,7 +4,8 @@
 the original on onnxruntime CPU with optimizations off; :func:`run_pass_on_file` does the same
 from file to file, staging the output beside its target and renaming it into place only when the
 check passed, so a failed check leaves no output behind. :func:`fold_bn` and :func:`fold_bn_file`
-are these with :class:`~normdeploy.passes.fold_bn.FoldBatchNorm`.
+are these with :class:`~normdeploy.passes.fold_bn.FoldBatchNorm`, followed (``merge=True``, the
+default) by :class:`~normdeploy.passes.merge_branches.MergeParallelBranches`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from onnx import external_data_helper
 
 from normdeploy.errors import InvalidModelError, OutputPathError, VerificationFailed
 from normdeploy.io import check_output_path, read_onnx, save_model_streaming, save_onnx
-from normdeploy.passes import FOLDED, KEPT, GraphPass, LedgerEntry, PassResult
+from normdeploy.passes import FOLDED, KEPT, MERGED, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
+from normdeploy.passes.merge_branches import FoldBatchNormAndMerge
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.verification.compare import Check, compare_graphs
 from normdeploy.verification.results import worst
@@ -51,7 +53,17 @@ class FoldResult:
 
     @property
     def skipped(self) -> list[LedgerEntry]:
-        return [e for e in self.ledger if e.action == KEPT]
+        return [e for e in self.ledger if e.action == KEPT and not e.op]
+
+    @property
+    def merged(self) -> list[LedgerEntry]:
+        """Subject nodes merged into a neighbour (identity BatchNorms merged into a Conv)."""
+        return [e for e in self.ledger if e.action == MERGED and not e.op]
+
+    @property
+    def sums(self) -> list[LedgerEntry]:
+        """Entries of other nodes the pass rewrote or kept (the Add/Sum of merged branches)."""
+        return [e for e in self.ledger if e.op]
 
     @property
     def modified(self) -> bool:
@@ -74,7 +86,7 @@ class FoldResult:
     def _rows(self) -> list[list[str]]:
         return [
             [
-                e.node,
+                f"{e.node} ({e.op})" if e.op else e.node,
                 e.graph,
                 f"{e.action} ({e.direction})" if e.direction else e.action,
                 f"{e.target_op} {e.target}" if e.applied else "-",
@@ -100,10 +112,15 @@ class FoldResult:
         )
 
     def _summary(self) -> str:
-        counts = Counter(e.action for e in self.applied if e.action != FOLDED)
-        parts = [f"{len(self.folded)} of {len(self.ledger)} {self.subject} folded"]
+        subjects = [e for e in self.ledger if not e.op]
+        counts = Counter(e.action for e in subjects if e.applied and e.action != FOLDED)
+        parts = [f"{len(self.folded)} of {len(subjects)} {self.subject} folded"]
         parts += [f"{n} {action}" for action, n in counts.items()]
-        return ", ".join(parts) + f", {len(self.skipped)} kept"
+        line = ", ".join(parts) + f", {len(self.skipped)} kept"
+        if self.sums:
+            done = sum(e.applied for e in self.sums)
+            line += f"; {done} of {len(self.sums)} sums of parallel branches merged"
+        return line
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,6 +128,9 @@ class FoldResult:
             "source": self.source,
             "folded": len(self.folded),
             "kept": len(self.skipped),
+            "merged": len(self.merged),
+            "sums_merged": sum(e.applied for e in self.sums),
+            "sums_kept": sum(not e.applied for e in self.sums),
             "ledger": [e.to_dict() for e in self.ledger],
             "verified": self.verified,
             "verification": None
@@ -295,18 +315,26 @@ def run_pass_on_file(
     return result
 
 
+def _fold_pass(merge: bool) -> GraphPass:
+    return FoldBatchNormAndMerge() if merge else FoldBatchNorm()
+
+
 def fold_bn(
     model: onnx.ModelProto | str | os.PathLike[str],
     *,
     verify: bool = True,
     inplace: bool = False,
     seed: int = 0,
+    merge: bool = True,
 ) -> FoldResult:
     """Fold BatchNormalization in a model or file; verify against the original by default.
 
-    See :mod:`normdeploy.passes.fold_bn` for what folds and :func:`run_pass` for the flow.
+    With ``merge`` (the default) summed parallel branches on the same input are then merged
+    into one Conv (RepVGG-style blocks: their identity BatchNorms go too). See
+    :mod:`normdeploy.passes.fold_bn` and :mod:`normdeploy.passes.merge_branches` for what
+    folds and merges, and :func:`run_pass` for the flow.
     """
-    return run_pass(FoldBatchNorm(), model, verify=verify, inplace=inplace, seed=seed)
+    return run_pass(_fold_pass(merge), model, verify=verify, inplace=inplace, seed=seed)
 
 
 def fold_bn_file(
@@ -316,8 +344,14 @@ def fold_bn_file(
     overwrite: bool = False,
     verify: bool = True,
     seed: int = 0,
+    merge: bool = True,
 ) -> FoldResult:
-    """Fold a file into another (see :func:`run_pass_on_file`)."""
+    """Fold a file into another (see :func:`run_pass_on_file` and :func:`fold_bn`)."""
     return run_pass_on_file(
-        FoldBatchNorm(), input_path, output_path, overwrite=overwrite, verify=verify, seed=seed
+        _fold_pass(merge),
+        input_path,
+        output_path,
+        overwrite=overwrite,
+        verify=verify,
+        seed=seed,
     )

@@ -72,7 +72,8 @@ class DeployResult:
         return out
 
     def bn_counts(self) -> dict[str, int]:
-        """BatchNorm modules folded by the exporter, folded by fold-bn, and kept."""
+        """BatchNorm modules folded by the exporter, folded by fold-bn, merged by fold-bn into
+        a Conv with the branches they were summed with, and kept."""
         by_exporter = 0
         if self.export is not None:
             by_exporter = sum(
@@ -81,8 +82,9 @@ class DeployResult:
                 if e.kind == "BatchNorm" and e.representation == "folded"
             )
         folded = len(self.fold.folded) if self.fold is not None else 0
+        merged = len(self.fold.merged) if self.fold is not None else 0
         kept = len(self.fold.skipped) if self.fold is not None else 0
-        return {"exporter": by_exporter, "fold-bn": folded, "kept": kept}
+        return {"exporter": by_exporter, "fold-bn": folded, "merged": merged, "kept": kept}
 
     def worst_error(self) -> float | None:
         if self.verification is None:
@@ -171,7 +173,7 @@ class DeployResult:
         return [
             self.model_name,
             norms or "-",
-            f"{bn['exporter']}/{bn['fold-bn']}/{bn['kept']}",
+            f"{bn['exporter']}/{bn['fold-bn']}/{bn['merged']}/{bn['kept']}",
             ",".join(provider_alias(p) for p in self.providers()) or "-",
             fmt_num(self.worst_error()),
             "PASS" if self.passed else f"FAIL ({self.failed_stage or 'verify'})",
@@ -181,7 +183,7 @@ class DeployResult:
     SUMMARY_HEADERS = (
         "model",
         "norm layers → representation",
-        "BN folded by exporter/fold-bn/kept",
+        "BN folded by exporter/fold-bn/merged/kept",
         "providers",
         "worst |Δ|",
         "result",
@@ -220,7 +222,8 @@ class DeployResult:
             "",
             "What was checked: the model was exported to ONNX in eval mode, every norm layer's "
             "representation was recorded and LayerNorm/GroupNorm confirmed numerically, every "
-            "foldable BatchNorm was folded (and the folded graph compared with the unfolded one), "
+            "foldable BatchNorm was folded and summed parallel conv branches merged (and the "
+            "result compared with the unfolded graph), "
             "and the final graph was compared with PyTorch eval on onnxruntime.",
             "",
             markdown_table(self.SUMMARY_HEADERS, [self.summary_row()]),
@@ -295,10 +298,10 @@ def _demote(markdown: str) -> str:
     )
 
 
-def _run_fold(exported: Path) -> FoldResult:
+def _run_fold(exported: Path, merge: bool) -> FoldResult:
     from normdeploy.folding import fold_bn
 
-    return fold_bn(exported, verify=True)
+    return fold_bn(exported, verify=True, merge=merge)
 
 
 def _run_verify(
@@ -324,8 +327,12 @@ def deploy(
     input_shapes: Sequence[Sequence[int]] | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
+    merge: bool = True,
 ) -> DeployResult:
     """Export MODEL, fold its BatchNorms, verify the result, and write model + reports to out_dir.
+
+    ``merge`` (the default) lets fold-bn merge summed parallel conv branches (RepVGG-style
+    blocks) into one Conv; ``merge=False`` keeps them.
 
     Stage failures are recorded in the result (and its reports), not raised, so callers can go on
     with other models; user errors about ``out_dir`` itself are raised.
@@ -377,7 +384,7 @@ def deploy(
                 )
             stage = "fold-bn"
             with progress.stage(model, "fold-bn", timings):
-                state["fold"] = _run_fold(Path(tmp) / "exported.onnx")
+                state["fold"] = _run_fold(Path(tmp) / "exported.onnx", merge)
                 save_onnx(state["fold"].model, final, external_data=None)
             stage = "verify"
             with progress.stage(model, "verify", timings):

@@ -19,6 +19,11 @@ checked for the conditions under which folding is exact (see :func:`_check_pair`
 parameters are replaced and the BatchNorm becomes ``nn.Identity``. The copy keeps its own class and
 forward. When the forward cannot be traced, traceable submodules are folded on their own and the
 rest is left as it was. Every BatchNorm gets a ledger entry: folded into which module, or why not.
+
+Then (``merge=True``, the default) summed parallel conv branches on the same input — RepVGG's
+``conv3x3(x) + conv1x1(x) + bn(x)`` — are merged into one conv by :mod:`normdeploy.torch_merge`;
+the module whose forward does the sum becomes a ``torch.fx.GraphModule`` (the root itself when
+the sum is in the root's forward), and its identity BatchNorms are ledgered as merged.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import logging
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import numpy as np
 import torch
@@ -48,6 +53,9 @@ from normdeploy.passes.fold_math import (
     scale_gemm_input_features,
 )
 from normdeploy.report import markdown_table, text_table
+
+if TYPE_CHECKING:
+    from normdeploy.torch_merge import BranchMergeEntry
 
 logger = logging.getLogger(__name__)
 
@@ -213,7 +221,8 @@ def fold_bn_into_following_weights(
 
 @dataclass(frozen=True)
 class BnFoldEntry:
-    """One BatchNorm: folded into ``folded_into``, or skipped because of ``reason``."""
+    """One BatchNorm: folded (or, an identity branch, merged) into ``folded_into``, or skipped
+    because of ``reason``."""
 
     batch_norm: str
     bn_type: str
@@ -221,16 +230,22 @@ class BnFoldEntry:
     producer_type: str | None = None  # the type of the module it folded into
     reason: str = ""  # why it was kept, or notes on how it was folded
     direction: str = ""  # "preceding" (into the producer) | "following" (into the reader)
+    merged: bool = False
 
     @property
     def folded(self) -> bool:
-        return self.folded_into is not None
+        return self.folded_into is not None and not self.merged
+
+    @property
+    def status(self) -> str:
+        return "merged" if self.merged else "folded" if self.folded else "skipped"
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_norm": self.batch_norm,
             "bn_type": self.bn_type,
             "folded": self.folded,
+            "merged": self.merged,
             "folded_into": self.folded_into,
             "producer_type": self.producer_type,
             "direction": self.direction,
@@ -240,25 +255,31 @@ class BnFoldEntry:
 
 @dataclass(frozen=True)
 class ModuleFoldResult:
-    """The folded copy (eval mode) and a ledger with one entry per BatchNorm."""
+    """The folded copy (eval mode), a ledger with one entry per BatchNorm, and one entry per
+    sum of parallel branches that merging looked at."""
 
     module: nn.Module = field(repr=False, compare=False)
     entries: tuple[BnFoldEntry, ...]
     traced: bool
     trace_error: str | None = None
     shape_error: str | None = None
+    merges: tuple[BranchMergeEntry, ...] = ()
 
     @property
     def folded(self) -> tuple[BnFoldEntry, ...]:
         return tuple(e for e in self.entries if e.folded)
 
     @property
+    def merged(self) -> tuple[BnFoldEntry, ...]:
+        return tuple(e for e in self.entries if e.merged)
+
+    @property
     def skipped(self) -> tuple[BnFoldEntry, ...]:
-        return tuple(e for e in self.entries if not e.folded)
+        return tuple(e for e in self.entries if e.folded_into is None)
 
     @property
     def modified(self) -> bool:
-        return bool(self.folded)
+        return bool(self.folded) or any(m.merged for m in self.merges)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -266,8 +287,10 @@ class ModuleFoldResult:
             "trace_error": self.trace_error,
             "shape_error": self.shape_error,
             "folded": len(self.folded),
+            "merged": len(self.merged),
             "skipped": len(self.skipped),
             "entries": [e.to_dict() for e in self.entries],
+            "merges": [m.to_dict() for m in self.merges],
         }
 
     def _rows(self) -> list[list[str]]:
@@ -275,7 +298,7 @@ class ModuleFoldResult:
             [
                 e.batch_norm,
                 e.bn_type,
-                "folded" if e.folded else "skipped",
+                e.status,
                 ""
                 if e.folded_into is None
                 else f"{e.folded_into} ({e.producer_type}"
@@ -286,7 +309,13 @@ class ModuleFoldResult:
         ]
 
     def _summary(self) -> str:
-        line = f"BatchNorm folding: {len(self.folded)} folded, {len(self.skipped)} skipped"
+        line = f"BatchNorm folding: {len(self.folded)} folded, "
+        if self.merged:
+            line += f"{len(self.merged)} merged, "
+        line += f"{len(self.skipped)} skipped"
+        if self.merges:
+            done = sum(m.merged for m in self.merges)
+            line += f"; {done} of {len(self.merges)} sums of parallel branches merged"
         if not self.traced:
             line += f"; forward not traceable by torch.fx ({self.trace_error})"
         if self.shape_error:
@@ -294,17 +323,38 @@ class ModuleFoldResult:
         return line
 
     _HEADERS = ("BatchNorm", "type", "status", "folded into", "reason")
+    _MERGE_HEADERS = ("sum", "in module", "status", "merged into", "detail")
+
+    def _merge_rows(self) -> list[list[str]]:
+        return [
+            [
+                m.node,
+                m.block or "(root)",
+                "merged" if m.merged else "kept",
+                m.merged_into or "",
+                m.reason,
+            ]
+            for m in self.merges
+        ]
 
     def to_text(self) -> str:
-        return self._summary() + "\n" + text_table(self._HEADERS, self._rows())
+        text = self._summary() + "\n" + text_table(self._HEADERS, self._rows())
+        if self.merges:
+            text += "\n\n" + text_table(self._MERGE_HEADERS, self._merge_rows())
+        return text
 
     def to_markdown(self) -> str:
-        return self._summary() + "\n\n" + markdown_table(self._HEADERS, self._rows())
+        text = self._summary() + "\n\n" + markdown_table(self._HEADERS, self._rows())
+        if self.merges:
+            text += "\n\n" + markdown_table(self._MERGE_HEADERS, self._merge_rows())
+        return text
 
 
-def fold_bn_module(module: nn.Module, example_inputs: Any = None) -> nn.Module:
+def fold_bn_module(
+    module: nn.Module, example_inputs: Any = None, *, merge: bool = True
+) -> nn.Module:
     """A folded deep copy of ``module`` in eval mode; see :func:`fold_bn_module_with_ledger`."""
-    return fold_bn_module_with_ledger(module, example_inputs).module
+    return fold_bn_module_with_ledger(module, example_inputs, merge=merge).module
 
 
 def _deep_copy(module: nn.Module) -> nn.Module:
@@ -385,13 +435,15 @@ def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, 
 
 
 def fold_bn_module_with_ledger(
-    module: nn.Module, example_inputs: Any = None
+    module: nn.Module, example_inputs: Any = None, *, merge: bool = True
 ) -> ModuleFoldResult:
     """Fold every provably foldable BatchNorm in a deep copy of ``module``; never touch ``module``.
 
     ``example_inputs`` (a tensor or a tuple of positional inputs) lets BatchNorm1d pairs be proved by
     the rank of the tensor BatchNorm actually sees, and folds through shape-only calls by the
     shapes they produce; without it those are skipped with a reason.
+    With ``merge`` (the default), summed parallel conv branches are then merged into one conv
+    (:mod:`normdeploy.torch_merge`); the result may then be a ``torch.fx.GraphModule``.
     """
     work = _deep_copy(module)
     # Mode as handed over. The result always has eval semantics (running statistics), which
@@ -433,6 +485,9 @@ def fold_bn_module_with_ledger(
                 path, type(mod).__name__, reason=_unseen_reason(path, untraceable)
             )
 
+    merges: tuple[BranchMergeEntry, ...] = ()
+    if merge:
+        work, merges = _merge(work, entries, ranks)
     ledger = tuple(entries.values())
     for e in ledger:
         logger.debug("%s: %s", e.batch_norm, e.reason)
@@ -443,7 +498,29 @@ def fold_bn_module_with_ledger(
         traced=ctx.trace_error is None,
         trace_error=ctx.trace_error,
         shape_error=shape_error,
+        merges=merges,
     )
+
+
+def _merge(
+    work: nn.Module, entries: dict[int, BnFoldEntry], ranks: dict[int, set[int]]
+) -> tuple[nn.Module, tuple[BranchMergeEntry, ...]]:
+    """Merge summed branches of the folded copy; an identity BatchNorm's entry says merged
+    (into which conv) or why it was not, in place of the fold's reason."""
+    from normdeploy.torch_merge import merge_module_branches  # it builds on this module
+
+    outcome = merge_module_branches(work, ranks)
+    for key, (conv_path, note) in outcome.bn_merged.items():
+        old = entries[key]
+        conv_type = type(outcome.root.get_submodule(conv_path)).__name__
+        entries[key] = BnFoldEntry(
+            old.batch_norm, old.bn_type, conv_path, conv_type, note, merged=True
+        )
+    for key, reason in outcome.bn_kept.items():
+        if key in entries:
+            old = entries[key]
+            entries[key] = BnFoldEntry(old.batch_norm, old.bn_type, reason=reason)
+    return outcome.root, tuple(outcome.entries)
 
 
 def _is_batch_norm(m: nn.Module) -> TypeGuard[_BatchNorm]:

@@ -1,5 +1,6 @@
 """What the fold tests share: graphs written as text, BatchNorm parameters far from identity,
-the fold check (`fold_and_check`), and deliberately wrong passes for the self-check tests."""
+the fold check (`fold_and_check`), summed parallel branches (`branch`, `identity`, `graph`) for
+the merge tests, and deliberately wrong passes for the self-check tests."""
 
 from __future__ import annotations
 
@@ -107,6 +108,49 @@ def conv_bn_file(path: Path, external: bool = False) -> onnx.ModelProto:
     model = conv_bn_model()
     save_onnx(model, path, external_data=external)
     return model
+
+
+# ----------------------------------------------------------------------------- parallel branches
+
+
+def branch(name: str, x: str, k: int, c_in: int, c_out: int, attrs: str = "", group: int = 1,
+           dtype=np.float32) -> tuple[str, dict[str, np.ndarray]]:  # fmt: skip
+    """Conv (no bias) → BatchNormalization, output ``name``; pads k//2 unless ``attrs`` says."""
+    attrs = attrs or f"pads=[{k // 2},{k // 2},{k // 2},{k // 2}]"
+    if group > 1:
+        attrs += f", group={group}"
+    text = (
+        f"{name}_c = Conv <{attrs}> ({x}, {name}_W)\n"
+        f"{name} = BatchNormalization ({name}_c, {name}g, {name}b, {name}m, {name}v)\n"
+    )
+    inits = {f"{name}_W": w(c_out, c_in // group, k, k, dtype=dtype)}
+    inits.update(bn_params(c_out, dtype, prefix=name))
+    return text, inits
+
+
+def identity(name: str, x: str, c: int, dtype=np.float32) -> tuple[str, dict[str, np.ndarray]]:
+    return (
+        f"{name} = BatchNormalization ({x}, {name}g, {name}b, {name}m, {name}v)\n",
+        bn_params(c, dtype, prefix=name),
+    )
+
+
+def graph(inputs: str, outputs: str, *parts: tuple[str, dict], body: str = "", **kw):
+    """A model from branches (``branch``/``identity``) and the ``body`` that sums them."""
+    text = "".join(p[0] for p in parts) + body
+    inits: dict[str, np.ndarray] = {}
+    for p in parts:
+        inits.update(p[1])
+    return parse(f"G ({inputs}) => ({outputs}) {{\n{text}}}", inits, **kw)
+
+
+def repvgg_block_model() -> onnx.ModelProto:
+    """A RepVGG block as timm writes it: (conv1×1+BN + conv3×3+BN) + BN(x), then ReLU."""
+    return graph(
+        "float[N,8,6,6] X", "float[N,8,6,6] Y",
+        branch("k", "X", 3, 8, 8), branch("p", "X", 1, 8, 8), identity("i", "X", 8),
+        body="s = Add (p, k)\nt = Add (s, i)\nY = Relu (t)\n",
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- wrong passes

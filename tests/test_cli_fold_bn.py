@@ -8,7 +8,13 @@ import json
 
 import onnx
 import pytest
-from fold_support import FoldsOnePercentOff, conv_bn_file, conv_bn_model
+from fold_support import (
+    FoldsOnePercentOff,
+    conv_bn_file,
+    conv_bn_model,
+    ops,
+    repvgg_block_model,
+)
 
 import normdeploy.folding
 from normdeploy.cli import main
@@ -31,6 +37,22 @@ def test_cli_fold_bn(tmp_path, capsys) -> None:
     assert "--force" in capsys.readouterr().err
     assert main(["fold-bn", str(src), "-o", str(out), "-f", "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["folded"] == 1
+
+
+def test_cli_fold_bn_merges_branches_unless_no_merge(tmp_path, capsys) -> None:
+    src = tmp_path / "block.onnx"
+    onnx.save(repvgg_block_model(), src)
+    runs = {}
+    for flags in ([], ["--no-merge"]):
+        out = tmp_path / f"out{len(flags)}.onnx"
+        assert main(["fold-bn", str(src), "-o", str(out), "--format", "json", *flags]) == 0
+        runs[tuple(flags)] = (json.loads(capsys.readouterr().out), ops(onnx.load(out)))
+    (merged, merged_ops), (kept, kept_ops) = runs[()], runs[("--no-merge",)]
+    assert (merged["folded"], merged["merged"], merged["kept"]) == (2, 1, 0)
+    assert merged["sums_merged"] == 1 and merged["verified"] is True
+    assert merged_ops["Conv"] == 1 and "BatchNormalization" not in merged_ops
+    assert (kept["folded"], kept["merged"], kept["kept"]) == (2, 0, 1)
+    assert kept_ops["Conv"] == 2 and kept_ops["BatchNormalization"] == 1
 
 
 def test_cli_writes_json_and_markdown_reports(tmp_path, capsys) -> None:
@@ -69,7 +91,9 @@ def wrong_fold(monkeypatch):
     """The CLI's fold-bn running a deliberately wrong pass, through the public
     normdeploy.folding.fold_bn_file that the command calls."""
 
-    def fold_wrongly(input_path, output_path, *, overwrite=False, verify=True, seed=0):
+    def fold_wrongly(
+        input_path, output_path, *, overwrite=False, verify=True, seed=0, merge=True
+    ):
         return run_pass_on_file(
             FoldsOnePercentOff(), input_path, output_path,
             overwrite=overwrite, verify=verify, seed=seed,

@@ -16,6 +16,7 @@ import torch
 
 import models
 from normdeploy import deploy
+from normdeploy.cli import main
 from normdeploy.pipeline import deploy_many
 from normdeploy.progress import Progress
 from normdeploy.verification.runners import CUDA, available_providers
@@ -86,6 +87,31 @@ def test_one_failing_model_does_not_stop_the_others(tmp_path):
         json.loads((tmp_path / "out" / "no_such_model" / "report.json").read_text())["passed"]
         is False
     )
+
+
+def test_deploy_merges_identity_branches_and_no_merge_keeps_them(tmp_path, capsys):
+    """RepVGG: the exporter folds each branch's BN, fold-bn merges the 2 identity BNs; the
+    summary column reads exporter/fold-bn/merged/kept. --no-merge keeps them (still PASS)."""
+    spec = "models.reparam:repvgg_mini"
+    result = deploy(spec, tmp_path / "merged")
+    assert result, result.to_text()
+    assert result.bn_counts() == {"exporter": 10, "fold-bn": 0, "merged": 2, "kept": 0}
+    assert "BN folded by exporter/fold-bn/merged/kept" in result.to_text()
+    assert "10/0/2/0" in result.to_text()
+    args = [
+        "deploy",
+        spec,
+        "-o",
+        str(tmp_path / "kept"),
+        "--no-merge",
+        "-q",
+        "--format",
+        "json",
+    ]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["passed"] and report["batch_norm"]["merged"] == 0
+    assert report["batch_norm"]["kept"] == 2
 
 
 @pytest.mark.parametrize("model", ["conv_bn_relu"])

@@ -34,6 +34,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exporter", choices=("dynamo", "torchscript"))
     p.add_argument("--batch-sizes", default="1,3", help="batch sizes to verify (default 1,3)")
     p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
+    p.add_argument(
+        "--no-merge",
+        dest="merge",
+        action="store_false",
+        help="fold-bn keeps summed parallel branches (no RepVGG-style merge into one Conv)",
+    )
     add_input_shape(p, "e.g. 1x3x224x224")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_output_options(p, report=False, force_help="overwrite existing outputs")
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         "exporter": args.exporter,
         "batch_sizes": parse_batch_sizes(args.batch_sizes),
         "overwrite": args.force,
+        "merge": args.merge,
         "progress": Progress(enabled=not args.quiet),
     }
     if args.all_reference:

@@ -11,13 +11,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "fold-bn",
         help="fold BatchNormalization into neighbouring Conv/ConvTranspose/Gemm/MatMul",
-        description="Fold every BatchNormalization that folds exactly, explain every one kept, "
-        "and (unless --no-verify) check the folded graph against the input on onnxruntime "
-        "before writing it. Exit 1 when they differ (nothing is written).",
+        description="Fold every BatchNormalization that folds exactly, merge summed parallel "
+        "branches on the same input into one Conv (RepVGG-style blocks, identity BatchNorms "
+        "included; --no-merge keeps them), explain every one kept, and (unless --no-verify) "
+        "check the result against the input on onnxruntime before writing it. Exit 1 when "
+        "they differ (nothing is written).",
     )
     p.add_argument("input", metavar="IN.onnx", help="ONNX file to fold (never modified)")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check")
+    p.add_argument(
+        "--no-merge",
+        dest="merge",
+        action="store_false",
+        help="keep summed parallel branches (do not merge them into one Conv)",
+    )
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
@@ -30,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_reported(
         args,
         lambda: fold_bn_file(
-            args.input, args.output, overwrite=args.force, verify=args.verify
+            args.input, args.output, overwrite=args.force, verify=args.verify, merge=args.merge
         ),
     )
     emit(result, args)

@@ -48,6 +48,8 @@ class LedgerEntry:
     target_op: str = ""
     reason: str = ""  # why it was kept, or a note on how it was applied
     invalid: bool = False  # the node's own parameters are broken (NaN/inf, var + eps <= 0)
+    # the node's op type when it is not the pass's subject (a sum of merged branches), else ""
+    op: str = ""
 
     @property
     def applied(self) -> bool:
@@ -68,6 +70,7 @@ class LedgerEntry:
             "target_op": self.target_op,
             "reason": self.reason,
             "invalid": self.invalid,
+            "op": self.op,
         }
 
 
@@ -129,6 +132,10 @@ class GraphPass:
 
     def __call__(self, model: onnx.ModelProto, source: str = "<model>") -> PassResult:
         self.requires(model, source)
+        return self.apply(model)
+
+    def apply(self, model: onnx.ModelProto) -> PassResult:
+        """call → the in-place claim → ensures, on a model that met :meth:`requires`."""
         before = None if self.in_place else _fingerprint(model)
         result = self.call(model)
         if self.in_place and result.model is not model:
@@ -137,3 +144,32 @@ class GraphPass:
             raise PassContractError(f"{self.name}: declared functional but changed its input")
         self.ensures(model, result)
         return result
+
+
+class Sequential(GraphPass):
+    """Passes run one after another on the same model, in place, as one pass.
+
+    ``requires`` is every pass's on the input (none of them changes what the others require:
+    the opset, the graph being well formed); each pass then runs with its own contract. The
+    ledger says what finally happened to each node: a later pass's entry for a node (same label
+    and graph) replaces an earlier one's in its place, so an identity BatchNormalization that
+    fold-bn kept and the merge pass merged is listed once, as merged. Subclasses name the
+    sequence (``name``, ``subject``, ``stage``) and add their own post-conditions.
+    """
+
+    def __init__(self, *passes: GraphPass) -> None:
+        if not passes or not all(p.in_place for p in passes):
+            raise ValueError("Sequential: needs one or more in-place passes")
+        self.passes = passes
+
+    def requires(self, model: onnx.ModelProto, source: str) -> None:
+        for graph_pass in self.passes:
+            graph_pass.requires(model, source)
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        entries: dict[tuple[str, str], LedgerEntry] = {}
+        for graph_pass in self.passes:
+            for e in graph_pass.apply(model).ledger:
+                entries[(e.node, e.graph)] = e
+        ledger = tuple(entries.values())
+        return PassResult(model, any(e.applied for e in ledger), ledger)

@@ -233,30 +233,7 @@ class FoldBatchNorm(GraphPass):
 
     # -- checks and arithmetic; raise _Skip with the reason
     def _plan(self, index: GraphIndex, bn: onnx.NodeProto) -> _Plan:
-        if attr(bn, "training_mode", 0):
-            raise _Skip("training_mode=1 (normalizes with batch statistics)")
-        if any(out for out in bn.output[1:]):
-            raise _Skip("extra outputs (running mean/var) are used")
-        if attr(bn, "spatial", 1) != 1:
-            raise _Skip("spatial=0 (per-element statistics) is not a per-channel affine")
-        if len(bn.input) < 5 or not all(bn.input[:5]):
-            raise _Skip("missing scale/bias/mean/var inputs")
-        try:
-            params = [index.const_array(name) for name in bn.input[1:5]]
-        except NotLoadedError as exc:
-            raise _Skip(str(exc)) from None
-        if any(p is None for p in params):
-            raise _Skip("scale, bias, mean or var is not a constant")
-        scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
-        # The attribute is a float32; its default is float32(1e-5), not the double 1e-5.
-        eps = float(np.float32(attr(bn, "epsilon", 1e-5)))
-        if not (len(scale) == len(bias) == len(mean) == len(var)):
-            raise _Skip("scale/bias/mean/var lengths differ")
-        if not all(np.isfinite(a).all() for a in (scale, bias, mean, var)):
-            raise _Invalid("non-finite values in scale/bias/mean/var")
-        if not (var + eps > 0).all():
-            raise _Invalid("var + epsilon <= 0 (the BatchNorm computes NaN/inf)")
-        s, t = bn_scale_shift(scale, bias, mean, var, eps)
+        s, t = batch_norm_affine(index, bn)
         reasons = []
         for attempt in (_plan_preceding, _plan_following):
             try:
@@ -269,6 +246,35 @@ class FoldBatchNorm(GraphPass):
             else:
                 return plan
         raise _Skip("; ".join(reasons))
+
+
+def batch_norm_affine(index: GraphIndex, bn: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) with BN(x) = x·s + t per channel, in float64; raises the reason it is not a
+    constant per-channel affine (``_Invalid`` when its own statistics compute NaN/inf)."""
+    if attr(bn, "training_mode", 0):
+        raise _Skip("training_mode=1 (normalizes with batch statistics)")
+    if any(out for out in bn.output[1:]):
+        raise _Skip("extra outputs (running mean/var) are used")
+    if attr(bn, "spatial", 1) != 1:
+        raise _Skip("spatial=0 (per-element statistics) is not a per-channel affine")
+    if len(bn.input) < 5 or not all(bn.input[:5]):
+        raise _Skip("missing scale/bias/mean/var inputs")
+    try:
+        params = [index.const_array(name) for name in bn.input[1:5]]
+    except NotLoadedError as exc:
+        raise _Skip(str(exc)) from None
+    if any(p is None for p in params):
+        raise _Skip("scale, bias, mean or var is not a constant")
+    scale, bias, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
+    # The attribute is a float32; its default is float32(1e-5), not the double 1e-5.
+    eps = float(np.float32(attr(bn, "epsilon", 1e-5)))
+    if not (len(scale) == len(bias) == len(mean) == len(var)):
+        raise _Skip("scale/bias/mean/var lengths differ")
+    if not all(np.isfinite(a).all() for a in (scale, bias, mean, var)):
+        raise _Invalid("non-finite values in scale/bias/mean/var")
+    if not (var + eps > 0).all():
+        raise _Invalid("var + epsilon <= 0 (the BatchNorm computes NaN/inf)")
+    return bn_scale_shift(scale, bias, mean, var, eps)
 
 
 def _weights(
