@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fold_bn_bench
+import fuse_norms_bench
 import latency_bench
 import norm_repr_bench
 import overhead_bench
@@ -23,6 +24,7 @@ from _common import machine_line
 
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
     "fold": fold_bn_bench.main,
+    "fuse-norms": fuse_norms_bench.main,
     "latency": latency_bench.main,
     "norms": norm_repr_bench.main,
     "overhead": overhead_bench.main,
@@ -36,6 +38,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
     sizes = ["5", "50", "150", "500"] if full else ["5", "50"]
     return {
         "fold": ["--sizes", *sizes, "--repeats", str(fold_repeats)],
+        "fuse-norms": ["--rounds", rounds],
         "latency": ["--rounds", rounds],
         "norms": ["--rounds", rounds],
         "overhead": ["--repeats", str(repeats or (5 if full else 3))]

@@ -31,7 +31,7 @@ def test_cli_fuses_a_layernorm_at_the_files_opset(tmp_path, capsys) -> None:
     digest = sha256_file(src)
     assert main(["fuse-norms", str(src), "-o", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "fuse-norms" in text and "1 of 1 decomposed norm fused, 0 kept" in text
+    assert "fuse-norms" in text and "1 of 1 decomposed norm(s) fused, 0 kept" in text
     assert "verification: PASS: fused vs original" in text
     fused = onnx.load(str(out))
     onnx.checker.check_model(fused, full_check=True)
@@ -52,13 +52,13 @@ def test_nothing_to_fuse_is_written_unchanged_and_the_ledger_says_why(
     onnx.save(g.model(y), src)
     assert main(["fuse-norms", str(src), "-o", str(out), "--report", str(report)]) == 0
     text = capsys.readouterr().out
-    assert "0 of 1 decomposed norm fused, 1 kept" in text
+    assert "0 of 1 decomposed norm(s) fused, 1 kept" in text
     assert "look-alike (Pow/Add/Sqrt): the square is not averaged by a ReduceMean" in text
     assert "nothing fused: the graph is unchanged" in text
     written, given = onnx.load(str(out)), onnx.load(str(src))
     assert written.SerializeToString() == given.SerializeToString()
     md = report.read_text()
-    assert md.startswith("## fuse-norms: 0 of 1") and "| decomposed norm |" in md
+    assert md.startswith("## fuse-norms: 0 of 1") and "| decomposed norm(s) |" in md
 
 
 def test_below_the_opset_it_says_which_opset_and_converts_when_asked(tmp_path, capsys) -> None:

@@ -138,7 +138,7 @@ class FuseNorms(GraphPass):
 
     name = "fuse-norms"
     in_place = True
-    subject = "decomposed norm"
+    subject = "decomposed norm(s)"
     stage = "fuse"
     action = FUSED
 
@@ -201,7 +201,7 @@ class FuseNorms(GraphPass):
         ledger += _nested(model)
         notes = tuple(
             f"{n} decomposed {norm} kept: {op} needs opset >= {needed}, the model imports "
-            f"opset {opset}; opset={needed} gives the native op"
+            f"opset {opset}; converting the model to opset {needed} fuses them"
             for (norm, op, needed), n in needs_opset.items()
         )
         return PassResult(model, any(e.applied for e in ledger), tuple(ledger), notes)
