@@ -149,7 +149,8 @@ class FoldResult:
             return "not verified (--no-verify)"
         if not self.verification:
             return f"nothing {self._verb}: the graph is unchanged, nothing to check"
-        return _checks_line(self.verification, f"{self._verb} vs original")
+        what = self._verb if self.applied else "converted"  # only the opset changed
+        return _checks_line(self.verification, f"{what} vs original")
 
     def _summary(self) -> str:
         counts = Counter(e.action for e in self.applied if e.action != self.action)
@@ -472,7 +473,7 @@ def confirm_outputs(
     try:
         checks = compare_graphs(reference, candidate, seed=seed)
     except Exception as exc:  # onnxruntime's own error types (an op it has no kernel for)
-        why = Confirmation(False, f"onnxruntime cannot run it: {first_line(exc)}")
+        why = Confirmation(False, f"onnxruntime cannot run the pair: {first_line(exc)}")
         return {o.name: why for o in candidate.graph.output}
     by_output: dict[str, list[Check]] = {}
     for check in checks:
@@ -487,7 +488,10 @@ def confirm_outputs(
             if comp.max_abs is not None
             else comp.detail
         )
-        out[name] = Confirmation(all(group), detail)
+        passed = all(group)
+        out[name] = Confirmation(
+            passed, detail if passed else f"differs on stress inputs, {detail}"
+        )
     return out
 
 

@@ -2,11 +2,12 @@
 that must not be taken for norms: shared by the pattern matcher tests and the fuse-norms tests.
 
 Graphs are built one value at a time with onnx.helper; the input ``x`` is (N, 4, 8) unless a
-test says otherwise, in float32 or float16.
+test says otherwise, in float32, float16 or bfloat16.
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -17,7 +18,11 @@ RNG = np.random.default_rng(7)
 ROOTS = ("sqrt_div", "sqrt_reciprocal_mul", "sqrt_one_div_mul", "pow_neg_half_mul")
 GAMMA = (RNG.random(SHAPE[-1]) + 0.5).astype(np.float32)
 BETA = RNG.normal(0, 1, SHAPE[-1]).astype(np.float32)
-ELEM_TYPE = {np.float32: TensorProto.FLOAT, np.float16: TensorProto.FLOAT16}
+ELEM_TYPE = {
+    np.float32: TensorProto.FLOAT,
+    np.float16: TensorProto.FLOAT16,
+    ml_dtypes.bfloat16: TensorProto.BFLOAT16,
+}
 
 
 class Graph:

@@ -70,6 +70,13 @@ def test_below_the_opset_it_says_which_opset_and_converts_when_asked(tmp_path, c
     assert "LayerNormalization needs opset >= 17, the model imports opset 12" in note
     assert ops(onnx.load(str(out)))["Sqrt"] == 1 and default_opset(onnx.load(str(out))) == 12
 
+    # converted as asked, still below 17: nothing fuses, the check is of the conversion
+    assert main(["fuse-norms", str(src), "-o", str(out), "-f", "--opset", "16"]) == 0
+    text = capsys.readouterr().out
+    assert "verification: PASS: converted vs original" in text
+    assert "the model imports opset 16; converting the model to opset 17 fuses them" in text
+    assert default_opset(onnx.load(str(out))) == 16
+
     assert main(["fuse-norms", str(src), "-o", str(out), "-f", "--opset", "17"]) == 0
     text = capsys.readouterr().out
     assert "note: opset 12 → 17 (onnx.version_converter): PASS: converted vs input" in text

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 from collections import Counter
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -87,6 +88,10 @@ def fuse_and_check(
     return result
 
 
+def attributes(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
 def x_feed(model: onnx.ModelProto) -> np.ndarray:
     """The stress input fold_support.run feeds (seeded), to give the oracle the same x."""
     return make_feeds(graph_input_specs(model), batch_size=2, seed=0)["x"]
@@ -107,7 +112,7 @@ def test_every_layernorm_spelling_becomes_one_layernormalization(square, root, a
     model = g.model(y, opset=18)
     result = fuse_and_check(model, 1, dtype=dtype, expect=Counter({"LayerNormalization": 1}))
     native = result.model.graph.node[0]
-    attrs = {a.name: helper.get_attribute_value(a) for a in native.attribute}
+    attrs = attributes(native)
     # the epsilon the decomposition adds, as its dtype holds it (fp16: 0.0010004)
     assert attrs["axis"] == -1 and attrs["epsilon"] == float(np.float32(dtype(EPS)))
     assert attrs["stash_type"] == TensorProto.FLOAT  # fp16 statistics in float32
@@ -155,7 +160,7 @@ def test_a_layernorm_over_two_trailing_axes_gets_axis_minus_2_and_a_2d_scale(axe
     model = g.model(y, opset=opset)
     result = fuse_and_check(model, 1, expect=Counter({"LayerNormalization": 1}))
     native = result.model.graph.node[0]
-    assert helper.get_attribute_value(native.attribute[0]) == -2  # axis
+    assert attributes(native)["axis"] == -2
     # the (4, 8) gamma is exactly the normalized shape: reused as it is, no copy
     assert native.input[1] == "gamma"
     expected = layer_norm(x_feed(model), (4, 8), gamma, None, EPS)
@@ -239,6 +244,21 @@ def test_fuses_at_the_opsets_that_have_the_op_and_converts_only_when_asked(case)
         np.testing.assert_allclose(
             run(result.model)[y], oracle(norm, x_feed(model), True), atol=1e-5
         )
+
+
+def test_inplace_conversion_rewrites_the_callers_model_and_checks_against_what_it_was():
+    g, y = layernorm_graph(opset=12)
+    model = g.model(y, opset=12)
+    x = x_feed(model)
+    before = OrtRunner(model.SerializeToString()).infer({"x": x})[y]
+    result = normdeploy.fuse_norms(model, opset=17, inplace=True)
+    assert result.model is model and default_opset(model) == 17
+    assert ops(model) == {"LayerNormalization": 1}
+    assert result.conversion.verified and result.verified  # both against the opset-12 graph
+    # fp32 LayerNorm over 8 values: ~1e-7 measured
+    np.testing.assert_allclose(OrtRunner(model).infer({"x": x})[y], before, atol=1e-5)
+    again = normdeploy.fuse_norms(model, opset=17)  # already there: nothing to convert
+    assert again.conversion is None and not again.modified
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -374,12 +394,28 @@ def test_a_per_norm_confirmation_that_fails_keeps_that_norm_and_fuses_the_others
 
     result = run_pass(FuseNorms(reject_first), model)
     assert [e.action for e in result.ledger] == [KEPT, FUSED], result.to_text()
-    assert (
-        "differs from its decomposition on stress inputs: max |Δ| 0.5"
-        in result.ledger[0].reason
-    )
+    assert "not confirmed against its decomposition: max |Δ| 0.5" in result.ledger[0].reason
     assert ops(result.model)["LayerNormalization"] == 1 and ops(result.model)["Sqrt"] == 1
     assert result.verified  # the whole graph still computes what it did
+
+
+def test_a_norm_onnxruntime_cannot_confirm_is_kept_unless_no_check_was_asked_for():
+    """bfloat16: onnxruntime's CPU provider has no bfloat16 Pow, so the fused norm cannot be
+    compared with its decomposition: refused. Without verification it is fused, and the
+    ledger says it was not confirmed."""
+    g, y = rmsnorm_graph(dtype=ml_dtypes.bfloat16)
+    model = g.model(y, opset=23)
+    checked = normdeploy.fuse_norms(model)
+    (entry,) = checked.ledger
+    assert entry.action == KEPT and "onnxruntime cannot run the pair" in entry.reason
+    assert checked.model.SerializeToString() == model.SerializeToString()
+    unchecked = normdeploy.fuse_norms(model, verify=False)
+    (entry,) = unchecked.ledger
+    assert entry.action == FUSED and "not confirmed per norm" in entry.reason
+    assert ops(unchecked.model) == {"RMSNormalization": 1}
+    onnx.checker.check_model(unchecked.model, full_check=True)
+    native = unchecked.model.graph.node[0]
+    assert attributes(native)["stash_type"] == TensorProto.FLOAT
 
 
 def test_a_norm_inside_a_subgraph_is_left_as_it_was():

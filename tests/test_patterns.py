@@ -8,6 +8,7 @@ Each test graph is also run in onnxruntime against the float64 numpy oracle
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
@@ -98,6 +99,14 @@ def test_every_layernorm_spelling_matches_with_what_a_rewrite_needs(root, affine
     assert m.axes == (-1,) and m.epsilon == pytest.approx(EPS)
     assert (m.scale, m.bias) == (("gamma", "beta") if affine else (None, None))
     assert len(m.nodes) == len(model.graph.node)
+
+
+def test_a_bfloat16_rmsnorm_matches_with_its_scale():
+    """bfloat16 constants (an ml_dtypes type, numpy kind 'V') are still floats."""
+    g, y = rmsnorm_graph(dtype=ml_dtypes.bfloat16)
+    m = only_match(g.model(y))
+    assert m.kind == DECOMPOSED_RMSNORM and m.scale == "gamma"
+    assert m.epsilon == pytest.approx(EPS, rel=1e-2)  # EPS as bfloat16 holds it
 
 
 @pytest.mark.parametrize(

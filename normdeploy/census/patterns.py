@@ -146,10 +146,19 @@ def _const(index: GraphIndex, name: str) -> np.ndarray | None:
         return None
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats and bfloat16 (an ml_dtypes type, whose numpy kind is 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def _scalar(index: GraphIndex, name: str) -> float | None:
     """The value of a one-element constant, else None."""
     value = _const(index, name)
-    if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+    if (
+        value is None
+        or value.size != 1
+        or not (value.dtype.kind in "iu" or _is_float(value.dtype))
+    ):
         return None
     return float(value.reshape(-1)[0])
 
@@ -266,7 +275,7 @@ def _affine(
     node = users[0]
     const = _other(node, value)
     array = _const(index, const) if const else None
-    if array is None or array.dtype.kind != "f":
+    if array is None or not _is_float(array.dtype):
         return None
     leading = array.shape[: max(0, array.ndim - len(axes))]
     if any(d != 1 for d in leading):
