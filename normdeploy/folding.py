@@ -39,8 +39,15 @@ from normdeploy.passes.fold_bn import FoldBatchNorm
 from normdeploy.passes.fuse_norms import Confirmation, FuseNorms
 from normdeploy.passes.opset import CONVERTER, convert_opset
 from normdeploy.report import fmt_num, markdown_table, text_table
-from normdeploy.verification.compare import Check, compare_graphs
+from normdeploy.verification.compare import ArrayComparison, Check, compare_graphs
 from normdeploy.verification.results import worst
+
+
+def _measured(comp: ArrayComparison) -> str:
+    """'max |Δ| 1.2e-03, atol 0.0001, rtol 0.0001', or why nothing was measured."""
+    if comp.max_abs is None:
+        return comp.detail
+    return f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
 
 
 def _checks_line(checks: tuple[Check, ...], what: str) -> str:
@@ -220,15 +227,10 @@ def _raise_if_failed(result: FoldResult, what: str) -> None:
         assert result.verification is not None
         culprit = worst(result.verification)
         assert culprit is not None
-        comp = culprit.comparison
-        measured = (
-            f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
-            if comp.max_abs is not None
-            else comp.detail
-        )
+        measured = _measured(culprit.comparison)
         raise VerificationFailed(
             f"{result.source}: {result.pass_name} output differs from the original on output "
-            f"'{comp.name}' ({measured}); {what}",
+            f"'{culprit.comparison.name}' ({measured}); {what}",
             result,
         )
 
@@ -288,7 +290,7 @@ def _convert(
         assert comp is not None
         raise VerificationFailed(
             f"{source}: converting opset {current} → {opset} changed output "
-            f"'{comp.comparison.name}' (max |Δ| {fmt_num(comp.comparison.max_abs)}); {what}",
+            f"'{comp.comparison.name}' ({_measured(comp.comparison)}); {what}",
             FoldResult(
                 work,
                 (),
@@ -482,12 +484,7 @@ def confirm_outputs(
     for name, group in by_output.items():
         culprit = worst(group)
         assert culprit is not None
-        comp = culprit.comparison
-        detail = (
-            f"max |Δ| {fmt_num(comp.max_abs)} (atol={comp.atol:g}, rtol={comp.rtol:g})"
-            if comp.max_abs is not None
-            else comp.detail
-        )
+        detail = _measured(culprit.comparison)
         passed = all(group)
         out[name] = Confirmation(
             passed, detail if passed else f"differs on stress inputs, {detail}"

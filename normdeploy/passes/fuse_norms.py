@@ -52,6 +52,7 @@ from normdeploy.census.patterns import (
     match_at,
     match_decomposed_layernorm,
     match_decomposed_rmsnorm,
+    mean_subtracted,
 )
 from normdeploy.onnx_graph import (
     FLOAT_TENSOR_TYPES,
@@ -304,17 +305,6 @@ def _path_to_root(index: GraphIndex, square: onnx.NodeProto) -> list[onnx.NodePr
     return None
 
 
-def _centering_mean(index: GraphIndex, value: str) -> onnx.NodeProto | None:
-    """The ReduceMean when ``value`` is ``Sub(a, ReduceMean(a))``, else None."""
-    sub = index.producer.get(value)
-    if sub is None or sub.op_type != "Sub" or len(sub.input) != 2:
-        return None
-    mean = index.producer.get(sub.input[1])
-    if mean is None or mean.op_type != "ReduceMean" or not mean.input:
-        return None
-    return mean if mean.input[0] == sub.input[0] else None
-
-
 def _lookalikes(
     index: GraphIndex, nodes: Sequence[onnx.NodeProto], claimed: set[int]
 ) -> list[tuple[int, LedgerEntry]]:
@@ -329,11 +319,11 @@ def _lookalikes(
         if path is None or id(path[-1]) in roots or id(path[-1]) in claimed:
             continue
         roots.add(id(path[-1]))
-        mean = _centering_mean(index, v)
+        centered = mean_subtracted(index, v)
         found: Match | NoMatch = (
-            match_decomposed_rmsnorm(index, node)
-            if mean is None
-            else match_decomposed_layernorm(index, mean)
+            match_decomposed_layernorm(index, centered[2])  # x - mean(x): a LayerNorm's
+            if centered is not None and centered[0] == centered[1]
+            else match_decomposed_rmsnorm(index, node)
         )
         if not isinstance(found, NoMatch):
             continue  # a match the census claims elsewhere: not a look-alike
