@@ -397,6 +397,9 @@ def test_a_per_norm_confirmation_that_fails_keeps_that_norm_and_fuses_the_others
     assert "not confirmed against its decomposition: max |Δ| 0.5" in result.ledger[0].reason
     assert ops(result.model)["LayerNormalization"] == 1 and ops(result.model)["Sqrt"] == 1
     assert result.verified  # the whole graph still computes what it did
+    silent = run_pass(FuseNorms(lambda reference, candidate: {}), model)
+    assert [e.action for e in silent.ledger] == [KEPT, KEPT]  # no answer is no confirmation
+    assert all("returned no comparison" in e.reason for e in silent.ledger)
 
 
 def test_a_norm_onnxruntime_cannot_confirm_is_kept_unless_no_check_was_asked_for():

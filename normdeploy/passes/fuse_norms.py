@@ -174,6 +174,8 @@ class FuseNorms(GraphPass):
         editor = GraphEditor(graph, index, NameAllocator(model, ""))
         for i, plan in enumerate(plans):
             verdict = confirmed.get(_proof_output(i))
+            if self.confirm is not None and verdict is None:
+                verdict = Confirmation(False, "the confirmation returned no comparison for it")
             if verdict is not None and not verdict.passed:
                 reason = f"not confirmed against its decomposition: {verdict.detail}"
                 entries.append((plan.position, _kept(plan.match, reason)))
