@@ -346,9 +346,19 @@ def _channels_first_layernorm():
     return model
 
 
+def _mean_without_keepdims():
+    """keepdims=0 on (8, 8, 8): the (8, 8) root broadcasts along the last axis, dividing
+    x[n, i, j] by the root of sample i's row j — a valid graph, not a norm."""
+    g = Graph(x_shape=(8, 8, 8))
+    ms = g.mean(g.square("x", "mul", "sq"), "ms", keepdims=0)
+    ve = g.op("Add", ms, g.const("eps", EPS), out="ve")
+    return g.model(g.normalize("x", ve, "sqrt_div"), opset=23)
+
+
 LOOK_ALIKES = {  # model, what the ledger says
     "magnitude": (lambda: magnitude()[0].model("y"), "look-alike (Pow/Add/Sqrt): the square is not averaged by a ReduceMean"),
     "rms_over_a_leading_axis": (lambda: leading_axis()[0].model("normed", opset=23), "look-alike (Pow/ReduceMean/Add/Sqrt): ReduceMean over axes [-2]: not the trailing axes"),
+    "mean_without_keepdims": (_mean_without_keepdims, "look-alike (Mul/ReduceMean/Add/Sqrt): ReduceMean with keepdims=0 cannot broadcast back over its input"),
     "channels_first_layernorm": (_channels_first_layernorm, "look-alike (Pow/ReduceMean/Add/Sqrt): ReduceMean over axes [-3]: not the trailing axes"),
 }  # fmt: skip
 
