@@ -121,18 +121,23 @@ def loadavg_1m() -> float:
     return os.getloadavg()[0]
 
 
-def ort_session(path: Path, optimize: bool) -> Any:
+def ort_session(path: Path, optimize: bool | str, optimized_model: Path | None = None) -> Any:
+    """A CPU session; ``optimize`` is off/ENABLE_ALL, or a level's name ('ENABLE_EXTENDED').
+    With ``optimized_model``, onnxruntime writes the graph it runs there."""
     import onnxruntime as ort
 
     from normdeploy.verification.runners import session_options
 
-    return ort.InferenceSession(
-        str(path), session_options(optimize, THREADS), providers=["CPUExecutionProvider"]
-    )
+    so = session_options(optimize is True, THREADS)
+    if isinstance(optimize, str):
+        so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_{optimize}")
+    if optimized_model is not None:
+        so.optimized_model_filepath = str(optimized_model)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def time_variants(
-    paths: dict[str, Path], x: np.ndarray, optimize: bool, rounds: int
+    paths: dict[str, Path], x: np.ndarray, optimize: bool | str, rounds: int
 ) -> dict[str, list[float]]:
     """Per-round mean latency (seconds) of each variant, timed in alternating blocks."""
     sessions = {k: ort_session(p, optimize) for k, p in paths.items()}

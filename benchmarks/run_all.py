@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import fold_bn_bench
+import fuse_norms_bench
 import latency_bench
 import merge_bench
 import norm_repr_bench
@@ -24,6 +25,7 @@ from _common import machine_line
 
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
     "fold": fold_bn_bench.main,
+    "fuse-norms": fuse_norms_bench.main,
     "latency": latency_bench.main,
     "merge": merge_bench.main,
     "norms": norm_repr_bench.main,
@@ -38,6 +40,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
     sizes = ["5", "50", "150", "500"] if full else ["5", "50"]
     return {
         "fold": ["--sizes", *sizes, "--repeats", str(fold_repeats)],
+        "fuse-norms": ["--rounds", rounds],
         "latency": ["--rounds", rounds],
         "merge": ["--rounds", rounds, "--repeats", str(repeats or (5 if full else 3))],
         "norms": ["--rounds", rounds],

@@ -1,7 +1,7 @@
 """normdeploy: PyTorch models with normalization layers → ONNX Runtime, proven equivalent.
 
 Public API (imported lazily so that ONNX-only work does not import torch):
-``export``, ``inspect``, ``fold_bn``, ``fold_bn_module``, ``verify``, ``deploy``.
+``export``, ``inspect``, ``fold_bn``, ``fold_bn_module``, ``fuse_norms``, ``verify``, ``deploy``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ _API = {
     "inspect": "normdeploy.census.inspection",
     "fold_bn": "normdeploy.folding",
     "fold_bn_module": "normdeploy.torch_fold",
+    "fuse_norms": "normdeploy.folding",
     "verify": "normdeploy.verification.verifier",
     "deploy": "normdeploy.pipeline",
 }

@@ -5,7 +5,13 @@ the original on onnxruntime CPU with optimizations off; :func:`run_pass_on_file`
 from file to file, staging the output beside its target and renaming it into place only when the
 check passed, so a failed check leaves no output behind. :func:`fold_bn` and :func:`fold_bn_file`
 are these with :class:`~normdeploy.passes.fold_bn.FoldBatchNorm`, followed (``merge=True``, the
-default) by :class:`~normdeploy.passes.merge_branches.MergeParallelBranches`.
+default) by :class:`~normdeploy.passes.merge_branches.MergeParallelBranches`; :func:`fuse_norms`
+and :func:`fuse_norms_file` with :class:`~normdeploy.passes.fuse_norms.FuseNorms`, whose
+per-norm confirmation runs here (:func:`confirm_outputs`).
+
+With ``opset``, the whole model is first converted to that opset
+(:mod:`normdeploy.passes.opset`) and the converted graph is proven to compute what the input
+computes before the pass sees it; the final check is still against the input itself.
 """
 
 from __future__ import annotations
@@ -21,14 +27,73 @@ from typing import Any
 import onnx
 from onnx import external_data_helper
 
-from normdeploy.errors import InvalidModelError, OutputPathError, VerificationFailed
+from normdeploy.errors import (
+    InvalidModelError,
+    OutputPathError,
+    VerificationFailed,
+    first_line,
+)
 from normdeploy.io import check_output_path, read_onnx, save_model_streaming, save_onnx
+from normdeploy.onnx_graph import default_opset
 from normdeploy.passes import FOLDED, KEPT, MERGED, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
+from normdeploy.passes.fuse_norms import Confirmation, FuseNorms
 from normdeploy.passes.merge_branches import FoldBatchNormAndMerge
+from normdeploy.passes.opset import CONVERTER, convert_opset
 from normdeploy.report import fmt_num, markdown_table, text_table
-from normdeploy.verification.compare import Check, compare_graphs
+from normdeploy.verification.compare import ArrayComparison, Check, compare_graphs
 from normdeploy.verification.results import worst
+
+
+def _measured(comp: ArrayComparison) -> str:
+    """'max |Δ| 1.2e-03, atol 0.0001, rtol 0.0001', or why nothing was measured."""
+    if comp.max_abs is None:
+        return comp.detail
+    return f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
+
+
+def _checks_line(checks: tuple[Check, ...], what: str) -> str:
+    """'PASS: <what> on onnxruntime CPU (optimizations off), …, worst … max |Δ| = …'."""
+    culprit = worst(checks)
+    assert culprit is not None
+    comp = culprit.comparison
+    status = "PASS" if all(checks) else "FAIL"
+    return (
+        f"{status}: {what} on onnxruntime CPU (optimizations off), "
+        f"{len(checks)} output(s) × batch sizes, worst '{comp.name}' "
+        f"max |Δ| = {fmt_num(comp.max_abs)} (atol={comp.atol:g}, rtol={comp.rtol:g})"
+        + (f"; {comp.detail}" if comp.detail else "")
+    )
+
+
+@dataclass(frozen=True)
+class OpsetConversion:
+    """The whole model converted to a newer opset before a pass, and the proof that the
+    converted graph computes what the input computes (None: not checked)."""
+
+    from_opset: int | None
+    to_opset: int
+    tool: str
+    checks: tuple[Check, ...] | None
+
+    @property
+    def verified(self) -> bool | None:
+        return None if self.checks is None else all(self.checks)
+
+    def line(self) -> str:
+        head = f"opset {self.from_opset} → {self.to_opset} ({self.tool})"
+        if not self.checks:
+            return f"{head}: not verified (--no-verify)"
+        return f"{head}: {_checks_line(self.checks, 'converted vs input')}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "from_opset": self.from_opset,
+            "to_opset": self.to_opset,
+            "tool": self.tool,
+            "verified": self.verified,
+            "checks": None if self.checks is None else [c.to_dict() for c in self.checks],
+        }
 
 
 @dataclass(frozen=True)
@@ -42,6 +107,9 @@ class FoldResult:
     timings: dict[str, float] = field(default_factory=dict)
     pass_name: str = "fold-bn"
     subject: str = "BatchNormalization"
+    action: str = FOLDED  # what the summary counts: "3 of 4 … folded"
+    notes: tuple[str, ...] = ()
+    conversion: OpsetConversion | None = None
 
     @property
     def folded(self) -> list[LedgerEntry]:
@@ -81,7 +149,7 @@ class FoldResult:
 
     @property
     def _verb(self) -> str:
-        return "folded" if self.pass_name == "fold-bn" else "rewritten"
+        return self.action
 
     def _rows(self) -> list[list[str]]:
         return [
@@ -100,21 +168,14 @@ class FoldResult:
             return "not verified (--no-verify)"
         if not self.verification:
             return f"nothing {self._verb}: the graph is unchanged, nothing to check"
-        culprit = worst(self.verification)
-        assert culprit is not None
-        comp = culprit.comparison
-        status = "PASS" if self.verified else "FAIL"
-        return (
-            f"{status}: {self._verb} vs original on onnxruntime CPU (optimizations off), "
-            f"{len(self.verification)} output(s) × batch sizes, worst '{comp.name}' "
-            f"max |Δ| = {fmt_num(comp.max_abs)} (atol={comp.atol:g}, rtol={comp.rtol:g})"
-            + (f"; {comp.detail}" if comp.detail else "")
-        )
+        what = self._verb if self.applied else "converted"  # only the opset changed
+        return _checks_line(self.verification, f"{what} vs original")
 
     def _summary(self) -> str:
         subjects = [e for e in self.ledger if not e.op]
-        counts = Counter(e.action for e in subjects if e.applied and e.action != FOLDED)
-        parts = [f"{len(self.folded)} of {len(subjects)} {self.subject} folded"]
+        counts = Counter(e.action for e in subjects if e.applied and e.action != self.action)
+        done = sum(1 for e in subjects if e.action == self.action)
+        parts = [f"{done} of {len(subjects)} {self.subject} {self.action}"]
         parts += [f"{n} {action}" for action, n in counts.items()]
         line = ", ".join(parts) + f", {len(self.skipped)} kept"
         if self.sums:
@@ -123,7 +184,7 @@ class FoldResult:
         return line
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "pass": self.pass_name,
             "source": self.source,
             "folded": len(self.folded),
@@ -137,10 +198,21 @@ class FoldResult:
             if self.verification is None
             else [c.to_dict() for c in self.verification],
             "timings_s": {k: round(v, 4) for k, v in self.timings.items()},
+            "notes": list(self.notes),
+            "opset_conversion": None if self.conversion is None else self.conversion.to_dict(),
         }
+        if self.action != FOLDED:
+            out[self.action] = sum(1 for e in self.ledger if e.action == self.action)
+        return out
+
+    def _preamble(self) -> list[str]:
+        """The opset conversion and the notes, one line each."""
+        lines = [] if self.conversion is None else [self.conversion.line()]
+        return lines + list(self.notes)
 
     def to_text(self) -> str:
         lines = [f"{self.pass_name} {self.source}: {self._summary()}"]
+        lines += [f"note: {line}" for line in self._preamble()]
         if self.ledger:
             lines += ["", text_table((self.subject, *self._HEADERS), self._rows())]
         lines += ["", f"verification: {self._verify_line()}"]
@@ -148,6 +220,8 @@ class FoldResult:
 
     def to_markdown(self) -> str:
         out = [f"## {self.pass_name}: {self._summary()}", ""]
+        if preamble := self._preamble():
+            out += [*(f"- {line}" for line in preamble), ""]
         if self.ledger:
             out += [markdown_table((self.subject, *self._HEADERS), self._rows()), ""]
         out.append(f"Verification: {self._verify_line()}")
@@ -160,10 +234,12 @@ def _result(
     source: str,
     checks: tuple[Check, ...] | None,
     timings: dict[str, float],
+    conversion: OpsetConversion | None = None,
 ) -> FoldResult:
     return FoldResult(
-        done.model, done.ledger, source, checks, timings, graph_pass.name, graph_pass.subject
-    )
+        done.model, done.ledger, source, checks, timings, graph_pass.name,
+        graph_pass.subject, graph_pass.action, done.notes, conversion,
+    )  # fmt: skip
 
 
 def _raise_if_failed(result: FoldResult, what: str) -> None:
@@ -171,15 +247,10 @@ def _raise_if_failed(result: FoldResult, what: str) -> None:
         assert result.verification is not None
         culprit = worst(result.verification)
         assert culprit is not None
-        comp = culprit.comparison
-        measured = (
-            f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
-            if comp.max_abs is not None
-            else comp.detail
-        )
+        measured = _measured(culprit.comparison)
         raise VerificationFailed(
             f"{result.source}: {result.pass_name} output differs from the original on output "
-            f"'{comp.name}' ({measured}); {what}",
+            f"'{culprit.comparison.name}' ({measured}); {what}",
             result,
         )
 
@@ -199,6 +270,63 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _convert(
+    graph_pass: GraphPass,
+    work: onnx.ModelProto,
+    opset: int | None,
+    original: onnx.ModelProto | Path | bytes,
+    source: str,
+    *,
+    verify: bool,
+    seed: int,
+    timings: dict[str, float],
+    what: str,
+) -> OpsetConversion | None:
+    """Convert ``work`` in place to ``opset`` (None, or the opset it has: nothing to do) and,
+    when verifying, prove the converted graph equal to ``original`` before any pass runs."""
+    current = default_opset(work)
+    if opset is None or opset == current:
+        return None
+    start = time.perf_counter()
+    converted = convert_opset(work, opset, source)
+    work.CopyFrom(converted)
+    del converted
+    timings["convert"] = time.perf_counter() - start
+    checks = None
+    if verify:
+        start = time.perf_counter()
+        try:
+            checks = compare_graphs(original, work, seed=seed)
+        except Exception as exc:  # onnxruntime's own error types
+            raise InvalidModelError(
+                f"{source}: the graph converted to opset {opset} cannot be checked: "
+                f"onnxruntime: {first_line(exc)}"
+            ) from None
+        timings["verify-convert"] = time.perf_counter() - start
+    conversion = OpsetConversion(current, opset, CONVERTER, checks)
+    if conversion.verified is False:
+        assert checks is not None
+        comp = worst(checks)
+        assert comp is not None
+        raise VerificationFailed(
+            f"{source}: converting opset {current} → {opset} changed output "
+            f"'{comp.comparison.name}' ({_measured(comp.comparison)}); {what}",
+            FoldResult(
+                work,
+                (),
+                source,
+                None,
+                timings,
+                graph_pass.name,
+                graph_pass.subject,
+                graph_pass.action,
+                (),
+                conversion,
+            ),
+        )
+    return conversion
+
+
 def run_pass(
     graph_pass: GraphPass,
     model: onnx.ModelProto | str | os.PathLike[str],
@@ -206,12 +334,14 @@ def run_pass(
     verify: bool = True,
     inplace: bool = False,
     seed: int = 0,
+    opset: int | None = None,
 ) -> FoldResult:
     """Apply ``graph_pass`` to a model or file (in memory); verify against the original.
 
     A caller's ModelProto is copied first (one more copy of its weights) unless
-    ``inplace=True``; a file is loaded and rewritten in memory. Raises VerificationFailed when
-    the result differs from the original beyond the output dtype's tolerance.
+    ``inplace=True``; a file is loaded and rewritten in memory. With ``opset``, the model is
+    converted to that opset (and checked) first. Raises VerificationFailed when the result
+    differs from the original beyond the output dtype's tolerance.
     """
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -225,16 +355,22 @@ def run_pass(
         loaded = read_onnx(model)
         source, original, work = str(loaded.path), loaded.path, loaded.model
     timings["load"] = time.perf_counter() - start
+    what = "rewritten in place" if inplace else "the input was not changed"
+    conversion = _convert(
+        graph_pass, work, opset, original, source,
+        verify=verify, seed=seed, timings=timings, what=what,
+    )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(work, source)
     timings[graph_pass.stage] = time.perf_counter() - start
     checks = None
     if verify:
         start = time.perf_counter()
-        checks = compare_graphs(original, done.model, seed=seed) if done.modified else ()
+        changed = done.modified or conversion is not None
+        checks = compare_graphs(original, done.model, seed=seed) if changed else ()
         timings["verify"] = time.perf_counter() - start
-    result = _result(graph_pass, done, source, checks, timings)
-    _raise_if_failed(result, "rewritten in place" if inplace else "the input was not changed")
+    result = _result(graph_pass, done, source, checks, timings, conversion)
+    _raise_if_failed(result, what)
     return result
 
 
@@ -277,9 +413,11 @@ def run_pass_on_file(
     overwrite: bool = False,
     verify: bool = True,
     seed: int = 0,
+    opset: int | None = None,
 ) -> FoldResult:
     """Apply ``graph_pass`` to a file and write the result to another. The output is staged
-    beside its target, verified against the input, and only then renamed into place.
+    beside its target, verified against the input, and only then renamed into place. With
+    ``opset``, the model is converted to that opset (and checked) before the pass.
 
     Keeps external data when the input had it (``OUT.data`` beside ``OUT``). The returned
     model is the new proto; after an external-data save its tensors point at that file.
@@ -292,6 +430,10 @@ def run_pass_on_file(
         _check_data_file(loaded.path, out)
     source = str(loaded.path)
     timings["load"] = time.perf_counter() - start
+    conversion = _convert(
+        graph_pass, loaded.model, opset, loaded.path, source,
+        verify=verify, seed=seed, timings=timings, what=f"{out} not written",
+    )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(loaded.model, source)
     timings[graph_pass.stage] = time.perf_counter() - start
@@ -304,9 +446,10 @@ def run_pass_on_file(
         timings["save"] = time.perf_counter() - start
         if verify:
             start = time.perf_counter()
-            checks = compare_graphs(loaded.path, staged, seed=seed) if done.modified else ()
+            changed = done.modified or conversion is not None
+            checks = compare_graphs(loaded.path, staged, seed=seed) if changed else ()
             timings["verify"] = time.perf_counter() - start
-        result = _result(graph_pass, done, source, checks, timings)
+        result = _result(graph_pass, done, source, checks, timings, conversion)
         _raise_if_failed(result, f"{out} not written")
         data = staged.parent / (out.name + ".data")
         if data.exists():
@@ -355,3 +498,74 @@ def fold_bn_file(
         verify=verify,
         seed=seed,
     )
+
+
+def confirm_outputs(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, *, seed: int = 0
+) -> dict[str, Confirmation]:
+    """Each output of ``candidate`` against the same-named output of ``reference`` (the one
+    comparison, on stress inputs at batch 1 and 2): passed, and the numbers; every output
+    fails with the cause when onnxruntime cannot run the pair."""
+    try:
+        checks = compare_graphs(reference, candidate, seed=seed)
+    except Exception as exc:  # onnxruntime's own error types (an op it has no kernel for)
+        why = Confirmation(False, f"onnxruntime cannot run the pair: {first_line(exc)}")
+        return {o.name: why for o in candidate.graph.output}
+    by_output: dict[str, list[Check]] = {}
+    for check in checks:
+        by_output.setdefault(check.comparison.name.rsplit("@", 1)[0], []).append(check)
+    out = {}
+    for name, group in by_output.items():
+        culprit = worst(group)
+        assert culprit is not None
+        detail = _measured(culprit.comparison)
+        passed = all(group)
+        out[name] = Confirmation(
+            passed, detail if passed else f"differs on stress inputs, {detail}"
+        )
+    return out
+
+
+def _fuse_pass(verify: bool, seed: int) -> FuseNorms:
+    if not verify:
+        return FuseNorms()
+    return FuseNorms(lambda ref, cand: confirm_outputs(ref, cand, seed=seed))
+
+
+def fuse_norms(
+    model: onnx.ModelProto | str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    verify: bool = True,
+    inplace: bool = False,
+    seed: int = 0,
+) -> FoldResult:
+    """Rewrite decomposed LayerNorm/RMSNorm as LayerNormalization/RMSNormalization in a model
+    or file; each fused norm is confirmed against its decomposition, and the whole graph
+    against the original, by default.
+
+    The opset is never changed unless ``opset`` asks for it: then the model is converted first
+    and the converted graph proven equal to the input. Without it, norms whose native op the
+    model's opset lacks are kept and :attr:`FoldResult.notes` says which opset fuses them. See
+    :mod:`normdeploy.passes.fuse_norms` for what fuses and :func:`run_pass` for the flow.
+    """
+    return run_pass(
+        _fuse_pass(verify, seed), model, verify=verify, inplace=inplace, seed=seed, opset=opset
+    )
+
+
+def fuse_norms_file(
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    opset: int | None = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    seed: int = 0,
+) -> FoldResult:
+    """Fuse the norms of a file into another (see :func:`fuse_norms`, :func:`run_pass_on_file`);
+    a file with nothing to fuse is written as it was."""
+    return run_pass_on_file(
+        _fuse_pass(verify, seed), input_path, output_path,
+        overwrite=overwrite, verify=verify, seed=seed, opset=opset,
+    )  # fmt: skip

@@ -1,4 +1,6 @@
-"""The main job in one call: export → census → fold-bn → verify, with reports a person reads.
+"""The main job in one call: export → census → fold-bn (→ fuse-norms) → verify, with reports a
+person reads. fuse-norms runs when the census found decomposed LayerNorm/RMSNorm; it never
+changes the export's opset (the advice says which opset gives the native op).
 
 For each model it writes ``model.onnx`` (the folded, verified graph), ``report.json`` and
 ``report.md`` into its output directory. One failing model does not stop the others; the summary
@@ -17,8 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
-from normdeploy.census.results import lint_groups, lint_line
+from normdeploy.census.patterns import (
+    DECOMPOSED_LAYERNORM,
+    DECOMPOSED_RMSNORM,
+    DECOMPOSITION,
+    GROUPNORM_TRICK,
+    NATIVE_FOR,
+)
+from normdeploy.census.results import Lint, lint_groups, lint_line
 from normdeploy.errors import NormdeployError, OutputPathError
 from normdeploy.io import check_output_path, save_onnx, write_text_atomic
 from normdeploy.progress import Progress
@@ -32,7 +40,7 @@ if TYPE_CHECKING:
     from normdeploy.folding import FoldResult
     from normdeploy.verification.results import VerifyResult
 
-STAGES = ("export", "fold-bn", "verify")
+STAGES = ("export", "fold-bn", "fuse-norms", "verify")
 MODEL_FILE, JSON_FILE, MD_FILE = "model.onnx", "report.json", "report.md"
 
 
@@ -45,6 +53,7 @@ class DeployResult:
     export: ExportResult | None = None
     fold: FoldResult | None = None
     verification: VerifyResult | None = None
+    fuse: FoldResult | None = None  # fuse-norms, when the census found decomposed norms
     timings: dict[str, float] = field(default_factory=dict)
     failed_stage: str | None = None
     error: str | None = None
@@ -108,9 +117,10 @@ class DeployResult:
                     f"{train.summary()}. Call model.eval() before comparing outputs yourself."
                 )
             tips += self._representation_tips()
+            tips += self._fuse_tips()
             tips.extend(
                 lint_line(lint, [f"`{n}`" for n in nodes])
-                for lint, nodes in lint_groups(self.export.census.lints)
+                for lint, nodes in lint_groups(self._standing_lints())
             )
         if self.fold is not None:
             kept: dict[str, list[str]] = {}
@@ -148,19 +158,60 @@ class DeployResult:
                     "slower on onnxruntime CPU (BENCHMARKS.md). Keep it unless your runtime "
                     "has a fused GroupNorm."
                 )
+            elif rep == DECOMPOSITION and self.fuse is not None:
+                # fuse-norms ran on these; what it could not fuse, its notes and kept
+                # entries say (with the opset that would allow it).
+                if fused := self._fused_into(kind):
+                    tips.append(
+                        f"{what} {are} decomposed into elementwise ops by the exporter; "
+                        f"fuse-norms rewrote {fused} pattern(s) into "
+                        f"{NATIVE_FOR[_DECOMPOSED[kind]][0]} (checked against the unfused "
+                        "graph)."
+                    )
             elif rep == DECOMPOSITION and kind == "LayerNorm":
                 tips.append(
-                    f"{what} {are} decomposed into elementwise ops; export at opset >= 17 for a "
-                    "native LayerNormalization (fewer kernels, no fp16 overflow in "
-                    "Pow/ReduceMean)."
+                    f"{what} {are} decomposed into elementwise ops; export at opset >= 17 "
+                    "(deploy --opset 17) for a native LayerNormalization (fewer kernels, no "
+                    "fp16 overflow in Pow/ReduceMean)."
                 )
             elif rep == DECOMPOSITION and kind == "RMSNorm":
                 tips.append(
                     f"{what} {are} decomposed into elementwise ops; opset 23 has a native "
                     "RMSNormalization (onnxruntime 1.32 runs it), for runtimes with a fused "
-                    "kernel and fp16 safety."
+                    "kernel and fp16 safety: deploy --opset 23 exports at that opset."
                 )
         return tips
+
+    def _standing_lints(self) -> list[Lint]:
+        """The export census's lints, less those about decompositions fuse-norms replaced."""
+        assert self.export is not None
+        fused = set() if self.fuse is None else {e.node for e in self.fuse.applied}
+        return [
+            lint
+            for lint in self.export.census.lints
+            if not (lint.node in fused and lint.code in _GONE_WITH_THE_DECOMPOSITION)
+        ]
+
+    def _fused_into(self, kind: str) -> int:
+        """How many patterns of norm ``kind`` fuse-norms rewrote into the native op."""
+        if self.fuse is None or kind not in _DECOMPOSED:
+            return 0
+        op = NATIVE_FOR[_DECOMPOSED[kind]][0]
+        return sum(1 for e in self.fuse.applied if e.target_op == op)
+
+    def _fuse_tips(self) -> list[str]:
+        """fuse-norms' kept patterns and look-alikes, grouped by reason; those kept for the
+        opset are said by the census's decomposition lint (which names the opset)."""
+        if self.fuse is None:
+            return []
+        kept: dict[str, list[str]] = {}
+        for entry in self.fuse.skipped:
+            if "needs opset" not in entry.reason:
+                kept.setdefault(entry.reason, []).append(f"`{entry.node}`")
+        return [
+            f"{len(nodes)} norm pattern(s) left as they were ({reason}): {name_list(nodes)}."
+            for reason, nodes in kept.items()
+        ]
 
     def summary_row(self) -> list[str]:
         reps = self.norm_representations()
@@ -168,6 +219,8 @@ class DeployResult:
             f"{kind}: " + ", ".join(f"{n}×{rep}" for rep, n in counter.items())
             for kind, counter in reps.items()
         )
+        if self.fuse is not None and self.fuse.applied:
+            norms += f"; fused by fuse-norms: {len(self.fuse.applied)}"
         bn = self.bn_counts()
         timing = " ".join(f"{s} {self.timings[s]:.1f}s" for s in STAGES if s in self.timings)
         return [
@@ -207,6 +260,7 @@ class DeployResult:
             "advice": self.advice(),
             "export": None if self.export is None else self.export.to_dict(),
             "fold_bn": None if self.fold is None else self.fold.to_dict(),
+            "fuse_norms": None if self.fuse is None else self.fuse.to_dict(),
             "verify": None if self.verification is None else self.verification.to_dict(),
         }
 
@@ -224,6 +278,8 @@ class DeployResult:
             "representation was recorded and LayerNorm/GroupNorm confirmed numerically, every "
             "foldable BatchNorm was folded and summed parallel conv branches merged (and the "
             "result compared with the unfolded graph), "
+            "decomposed LayerNorm/RMSNorm were fused into native ops where the opset has them "
+            "(each compared with its decomposition), "
             "and the final graph was compared with PyTorch eval on onnxruntime.",
             "",
             markdown_table(self.SUMMARY_HEADERS, [self.summary_row()]),
@@ -233,7 +289,7 @@ class DeployResult:
         out += ["## What to do about it", ""]
         out += [f"- {t}" for t in tips] if tips else ["- Nothing flagged."]
         out.append("")
-        for part in (self.export, self.fold, self.verification):
+        for part in (self.export, self.fold, self.fuse, self.verification):
             if part is not None:
                 out += [_demote(part.to_markdown()), ""]
         return "\n".join(out)
@@ -302,6 +358,20 @@ def _run_fold(exported: Path, merge: bool) -> FoldResult:
     from normdeploy.folding import fold_bn
 
     return fold_bn(exported, verify=True, merge=merge)
+
+
+# The census kind of each norm's decomposition.
+_DECOMPOSED = {"LayerNorm": DECOMPOSED_LAYERNORM, "RMSNorm": DECOMPOSED_RMSNORM}
+# Census lints that a fused decomposition no longer earns (fp16 eps underflow still stands:
+# the native op keeps the decomposition's epsilon).
+_GONE_WITH_THE_DECOMPOSITION = ("decomposed-layernorm", "decomposed-rmsnorm", "fp16-norm")
+
+
+def _run_fuse(folded: FoldResult) -> FoldResult:
+    """fuse-norms on the folded graph, at its own opset, checked against it."""
+    from normdeploy.folding import fuse_norms
+
+    return fuse_norms(folded.model, verify=True)
 
 
 def _run_verify(
@@ -385,7 +455,12 @@ def deploy(
             stage = "fold-bn"
             with progress.stage(model, "fold-bn", timings):
                 state["fold"] = _run_fold(Path(tmp) / "exported.onnx", merge)
-                save_onnx(state["fold"].model, final, external_data=None)
+            last = state["fold"]
+            if set(_DECOMPOSED.values()) & set(exported.census.op_counts):
+                stage = "fuse-norms"
+                with progress.stage(model, "fuse-norms", timings):
+                    state["fuse"] = last = _run_fuse(state["fold"])
+            save_onnx(last.model, final, external_data=None)
             stage = "verify"
             with progress.stage(model, "verify", timings):
                 state["verification"] = _run_verify(

@@ -164,21 +164,24 @@ NORM_KINDS = ("BatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "RMSNorm")
 
 def norm_kind(module: object) -> str | None:
     """'BatchNorm', 'LayerNorm', 'GroupNorm', 'InstanceNorm', 'RMSNorm' for torch norm modules
-    (RMSNorm also for hand-written classes named ``…RMSNorm``, like LlamaRMSNorm), else None."""
-    name = type(module).__name__
+    (RMSNorm also for hand-written classes named ``…RMSNorm``, like LlamaRMSNorm), else None.
+
+    Only torch's own classes count for the others: a hand-written ``LayerNorm`` (ConvNeXt's
+    channels-first one, PaddleOCR's) has none of nn.LayerNorm's attributes.
+    """
     for base in type(module).__mro__:
         bname = base.__name__
         if bname.lower().endswith("rmsnorm"):
             return "RMSNorm"
+        if not base.__module__.startswith("torch."):
+            continue
         if bname.startswith("_BatchNorm") or bname.startswith("BatchNorm"):
             return "BatchNorm"
         if bname.startswith("_InstanceNorm") or bname.startswith("InstanceNorm"):
             return "InstanceNorm"
-        if bname == "LayerNorm":
-            return "LayerNorm"
-        if bname == "GroupNorm":
-            return "GroupNorm"
-    return None if name not in NORM_KINDS else name
+        if bname in ("LayerNorm", "GroupNorm"):
+            return bname
+    return None
 
 
 def _param(module: torch.nn.Module, name: str) -> Array | None:

@@ -259,6 +259,8 @@ CASES: list[Case] = [
     Case("no-disk-space", ["export", "conv_bn_relu", "-o", "{d}/o.onnx"], 2, r"No space left on device", outputs=["o.onnx"], patch=_no_space),
     Case("ctrl-c", ["export", "conv_bn_relu", "-o", "{d}/o.onnx"], 130, r"interrupted; no output was written", outputs=["o.onnx"], patch=_interrupt),
     Case("unsupported-opset-arg", ["export", "conv_bn_relu", "--opset", "5", "-o", "{d}/o.onnx"], 2, r"--opset: 5 is outside", outputs=["o.onnx"]),
+    Case("fuse-opset-downgrade", ["fuse-norms", "{d}/in.onnx", "-o", "{d}/o.onnx", "--opset", "12"], 2, r"--opset 12: .*in\.onnx already imports opset 17; conversion goes upward only", ONNX_IN, ["o.onnx"]),
+    Case("fuse-opset-too-new", ["fuse-norms", "{d}/in.onnx", "-o", "{d}/o.onnx", "--opset", "99"], 2, r"--opset 99: newer than the newest opset onnx .* knows \(\d+\)", ONNX_IN, ["o.onnx"]),
 ]  # fmt: skip
 
 

@@ -8,10 +8,26 @@ Each test graph is also run in onnxruntime against the float64 numpy oracle
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from norm_graphs import (
+    BETA,
+    EPS,
+    GAMMA,
+    RNG,
+    ROOTS,
+    SHAPE,
+    Graph,
+    eps_after_root,
+    layernorm_graph,
+    leading_axis,
+    magnitude,
+    other_mean,
+    rms_feature,
+    rmsnorm_graph,
+)
 
 from normdeploy.census import DECOMPOSED_LAYERNORM, DECOMPOSED_RMSNORM, inspect
 from normdeploy.census.patterns import (
@@ -25,98 +41,9 @@ from normdeploy.onnx_graph import GraphIndex
 from normdeploy.reference import layer_norm, rms_norm
 from normdeploy.verification.runners import OrtRunner
 
-SHAPE = (2, 4, 8)
-EPS = 1e-3  # large enough that a pattern that lost its epsilon would differ visibly
 # float32 graph vs float64 oracle on rows of 8-32 values: ~1e-6 measured; a missing eps or
 # scale, or normalizing over the wrong axis, is off by > 1e-2.
 ATOL = 1e-5
-RNG = np.random.default_rng(7)
-
-
-class Graph:
-    """A node list with constants, built one value at a time."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.inits: list[onnx.TensorProto] = []
-        self.extra_inputs: list[onnx.ValueInfoProto] = []
-
-    def const(self, name: str, value) -> str:
-        self.inits.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def op(self, op: str, *inputs: str, out: str, **attrs) -> str:
-        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
-        return out
-
-    def model(self, output: str, opset: int = 18, extra_outputs=()) -> onnx.ModelProto:
-        outs = [output, *extra_outputs]
-        graph = helper.make_graph(
-            self.nodes,
-            "g",
-            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE[1:]]),
-             *self.extra_inputs],
-            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-            self.inits,
-        )  # fmt: skip
-        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-
-    def mean(self, value: str, out: str, axes=(-1,), opset: int = 18, keepdims: int = 1):
-        if opset >= 18:
-            return self.op(
-                "ReduceMean", value, self.const(f"{out}_axes", np.array(axes, np.int64)),
-                out=out, keepdims=keepdims,
-            )  # fmt: skip
-        return self.op("ReduceMean", value, out=out, axes=list(axes), keepdims=keepdims)
-
-    def square(self, value: str, how: str, out: str) -> str:
-        if how == "pow":
-            return self.op("Pow", value, self.const(f"{out}_two", np.float32(2.0)), out=out)
-        return self.op("Mul", value, value, out=out)
-
-    def normalize(self, centered: str, var_eps: str, how: str) -> str:
-        """centered / sqrt(var_eps), spelled four ways."""
-        if how == "pow_neg_half_mul":
-            inv = self.op("Pow", var_eps, self.const("neg_half", np.float32(-0.5)), out="inv")
-            return self.op("Mul", centered, inv, out="normed")
-        std = self.op("Sqrt", var_eps, out="std")
-        if how == "sqrt_div":
-            return self.op("Div", centered, std, out="normed")
-        if how == "sqrt_reciprocal_mul":
-            inv = self.op("Reciprocal", std, out="inv")
-        else:  # sqrt_one_div_mul, as TorchScript writes rsqrt
-            inv = self.op("Div", self.const("one", np.float32(1.0)), std, out="inv")
-        return self.op("Mul", inv, centered, out="normed")
-
-
-ROOTS = ("sqrt_div", "sqrt_reciprocal_mul", "sqrt_one_div_mul", "pow_neg_half_mul")
-GAMMA = (RNG.random(SHAPE[-1]) + 0.5).astype(np.float32)
-BETA = RNG.normal(0, 1, SHAPE[-1]).astype(np.float32)
-
-
-def rmsnorm_graph(square="pow", root="sqrt_div", scale=True, axes=(-1,), opset=18):
-    g = Graph()
-    sq = g.square("x", square, "sq")
-    ms = g.mean(sq, "ms", axes, opset)
-    ve = g.op("Add", ms, g.const("eps", np.float32(EPS)), out="ve")
-    y = g.normalize("x", ve, root)
-    if scale:
-        y = g.op("Mul", g.const("gamma", GAMMA), y, out="scaled")
-    return g, y
-
-
-def layernorm_graph(square="pow", root="sqrt_div", affine=True, axes=(-1,), opset=18):
-    g = Graph()
-    mean = g.mean("x", "mean", axes, opset)
-    d = g.op("Sub", "x", mean, out="d")
-    sq = g.square(d, square, "sq")
-    var = g.mean(sq, "var", axes, opset)
-    ve = g.op("Add", var, g.const("eps", np.float32(EPS)), out="ve")
-    y = g.normalize(d, ve, root)
-    if affine:
-        y = g.op("Mul", y, g.const("gamma", GAMMA), out="scaled")
-        y = g.op("Add", y, g.const("beta", BETA), out="shifted")
-    return g, y
 
 
 def run(model: onnx.ModelProto) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +101,14 @@ def test_every_layernorm_spelling_matches_with_what_a_rewrite_needs(root, affine
     assert len(m.nodes) == len(model.graph.node)
 
 
+def test_a_bfloat16_rmsnorm_matches_with_its_scale():
+    """bfloat16 constants (an ml_dtypes type, numpy kind 'V') are still floats."""
+    g, y = rmsnorm_graph(dtype=ml_dtypes.bfloat16)
+    m = only_match(g.model(y))
+    assert m.kind == DECOMPOSED_RMSNORM and m.scale == "gamma"
+    assert m.epsilon == pytest.approx(EPS, rel=1e-2)  # EPS as bfloat16 holds it
+
+
 @pytest.mark.parametrize(
     ("axes", "opset"), [((1, 2), 18), ((-2, -1), 17)], ids=["positive_axes_18", "attr_axes_17"]
 )
@@ -201,7 +136,7 @@ def test_the_layernorm_inside_is_not_also_an_rmsnorm():
 
 def test_a_computed_epsilon_still_matches_and_says_why_it_cannot_be_rewritten():
     g = Graph()
-    g.extra_inputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, []))
+    g.input("e", [])
     ms = g.mean(g.square("x", "pow", "sq"), "ms")
     y = g.normalize("x", g.op("Add", ms, "e", out="ve"), "sqrt_div")
     m = only_match(g.model(y))
@@ -226,52 +161,12 @@ def test_an_intermediate_read_elsewhere_blocks_a_rewrite_but_not_the_census():
 # ----------------------------------------------------------------------------- look-alikes
 
 
-def _magnitude():
-    """sqrt(x² + x'²) over two halves (an audio magnitude): squares, a root, no mean."""
-    g = Graph()
-    g.extra_inputs.append(helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["N", 4, 8]))
-    s = g.op("Add", g.square("x", "pow", "sq"), g.square("x2", "pow", "sq2"), out="s")
-    return g, g.op("Div", "x", g.op("Sqrt", s, out="mag"), out="y")
-
-
-def _rms_feature():
-    """sqrt(mean(x²) + eps) kept as a feature: nothing is divided by it."""
-    g = Graph()
-    ms = g.mean(g.square("x", "pow", "sq"), "ms")
-    ve = g.op("Add", ms, g.const("eps", np.float32(EPS)), out="ve")
-    return g, g.op("Mul", g.op("Sqrt", ve, out="rms"), g.const("k", np.float32(3)), out="y")
-
-
-def _leading_axis():
-    """Mean of squares over the channel axis 1 of (N, 4, 8), not the trailing axis."""
-    g, y = rmsnorm_graph(scale=False, axes=(1,))
-    return g, y
-
-
-def _eps_after_root():
-    """x / (sqrt(mean(x²)) + eps): the epsilon is added after the root."""
-    g = Graph()
-    ms = g.mean(g.square("x", "pow", "sq"), "ms")
-    std = g.op("Add", g.op("Sqrt", ms, out="r"), g.const("eps", np.float32(EPS)), out="std")
-    return g, g.op("Div", "x", std, out="y")
-
-
-def _other_mean():
-    """(x - mean(z)) / sqrt(mean((x - mean(z))²) + eps): a Sub of another tensor's mean."""
-    g = Graph()
-    g.extra_inputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["N", 4, 8]))
-    d = g.op("Sub", "x", g.mean("z", "mean"), out="d")
-    ve = g.op("Add", g.mean(g.square(d, "pow", "sq"), "var"),
-              g.const("eps", np.float32(EPS)), out="ve")  # fmt: skip
-    return g, g.normalize(d, ve, "sqrt_div")
-
-
 LOOK_ALIKES = {  # builder, the reason one of the matchers gives
-    "magnitude": (_magnitude, "not averaged by a ReduceMean"),
-    "rms_feature": (_rms_feature, "not used as sqrt(·) dividing"),
-    "leading_axis": (_leading_axis, "not the trailing axes"),
-    "eps_after_root": (_eps_after_root, "no epsilon is added"),
-    "sub_of_another_mean": (_other_mean, "subtracts the mean of another tensor"),
+    "magnitude": (magnitude, "not averaged by a ReduceMean"),
+    "rms_feature": (rms_feature, "not used as sqrt(·) dividing"),
+    "leading_axis": (leading_axis, "not the trailing axes"),
+    "eps_after_root": (eps_after_root, "no epsilon is added"),
+    "sub_of_another_mean": (other_mean, "subtracts the mean of another tensor"),
 }
 
 

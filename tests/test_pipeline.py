@@ -7,9 +7,11 @@ import json
 import subprocess
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -17,6 +19,7 @@ import torch
 import models
 from normdeploy import deploy
 from normdeploy.cli import main
+from normdeploy.onnx_graph import default_opset
 from normdeploy.pipeline import deploy_many
 from normdeploy.progress import Progress
 from normdeploy.verification.runners import CUDA, available_providers
@@ -160,3 +163,87 @@ def test_advice_says_each_thing_once_with_a_count(tmp_path, monkeypatch):
     md = (tmp_path / "out" / "report.md").read_text()
     what_to_do = md.split("## What to do about it")[1].split("\n#")[0]
     assert what_to_do.count("\n- ") == 1  # one bullet for the ten modules
+
+
+HAND_WRITTEN_NORMS = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class LayerNorm(nn.Module):
+        # written out, as PP-OCR-style recognizers and older code bases do
+        def __init__(self, d):
+            super().__init__()
+            self.weight = nn.Parameter(torch.rand(d) + 0.5)
+            self.bias = nn.Parameter(torch.randn(d))
+
+        def forward(self, x):
+            u = x.mean(-1, keepdim=True)
+            s = (x - u).pow(2).mean(-1, keepdim=True)
+            return (x - u) / torch.sqrt(s + 1e-6) * self.weight + self.bias
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+            self.ln = LayerNorm(32)
+            self.rms = nn.RMSNorm(32)
+            self.head = nn.Linear(32, 8)
+            with torch.no_grad():
+                self.rms.weight.uniform_(0.5, 1.5)
+
+        def forward(self, x):
+            return self.head(self.rms(nn.functional.gelu(self.ln(self.fc(x)))))
+
+    def net():
+        torch.manual_seed(0)
+        return Net().eval(), torch.randn(2, 10, 32)
+    """
+)
+
+
+def test_deploy_fuses_decomposed_norms_at_the_export_opset_and_never_changes_it(
+    tmp_path, monkeypatch
+):
+    """At the default opset 18 the written-out LayerNorm fuses into LayerNormalization; the
+    RMSNorm needs opset 23, so it stays decomposed and the advice says so once. deploy
+    --opset 23 exports at 23, where both end up native."""
+    (tmp_path / "hand_norms.py").write_text(HAND_WRITTEN_NORMS)
+    monkeypatch.chdir(tmp_path)
+    result = deploy("hand_norms:net", tmp_path / "out")
+    assert result, result.to_text()
+    assert result.fuse is not None and "fuse-norms" in result.timings
+    assert [(e.action, e.target_op) for e in result.fuse.ledger] == [
+        ("fused", "LayerNormalization"),
+        ("kept", ""),
+    ]
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert default_opset(model) == 18
+    counts = Counter(n.op_type for n in model.graph.node)
+    assert counts["LayerNormalization"] == 1 and counts["RMSNormalization"] == 0
+    # the fused LayerNorm's decomposition lint is gone; the RMSNorm's names the opset, once
+    tips = result.advice()
+    assert not [t for t in tips if "LayerNorm" in t], tips
+    (rms_tip,) = [t for t in tips if "RMSNorm" in t]
+    assert "decomposed-rmsnorm" in rms_tip and "RMSNormalization (opset >= 23)" in rms_tip
+    assert "fused by fuse-norms: 1" in result.summary_row()[1]
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["fuse_norms"]["fused"] == 1 and report["verify"]["passed"] is True
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "## fuse-norms: 1 of 2" in md
+    assert "RMSNormalization needs opset >= 23, the model imports opset 18" in md
+    # independent check of the written file: onnxruntime vs PyTorch eval, fp32 over 32
+    # features through two norms: ~1e-6 expected, 1e-4 is the documented tolerance
+    sys.path.insert(0, str(tmp_path))
+    module, x = __import__("hand_norms").net()
+    sess = ort.InferenceSession(str(tmp_path / "out" / "model.onnx"))
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert float(np.max(np.abs(got - module(x).numpy()))) < 1e-4
+
+    native = deploy("hand_norms:net", tmp_path / "out23", opset=23)
+    assert native, native.to_text()
+    model = onnx.load(str(tmp_path / "out23" / "model.onnx"))
+    counts = Counter(n.op_type for n in model.graph.node)
+    assert default_opset(model) == 23
+    assert counts["LayerNormalization"] == 1 and counts["RMSNormalization"] == 1

@@ -115,6 +115,24 @@ def test_hand_written_rmsnorm_is_an_rmsnorm_and_matches_its_oracle():
     np.testing.assert_allclose(module_oracle(module, x.numpy()), expected, rtol=0, atol=ATOL)
 
 
+class LayerNorm(nn.Module):
+    """A hand-written class that shares nn.LayerNorm's name but none of its attributes."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)  # channels-first, as ConvNeXt writes it
+        return (x - u) / torch.sqrt((x - u).pow(2).mean(1, keepdim=True) + 1e-6)
+
+
+def test_a_hand_written_class_named_like_a_torch_norm_is_not_taken_for_it():
+    assert norm_kind(LayerNorm(4)) is None
+    assert norm_kind(nn.LayerNorm(4)) == "LayerNorm" and norm_kind(nn.GroupNorm(2, 4))
+    assert norm_kind(nn.BatchNorm2d(4)) == "BatchNorm"
+
+
 def test_rms_norm_default_eps_is_that_of_the_input_dtype():
     # nn.RMSNorm(eps=None) adds torch.finfo(x.dtype).eps; a row of tiny values shows it.
     x = np.full((1, 4), 1e-4, np.float32)

@@ -146,10 +146,19 @@ def _const(index: GraphIndex, name: str) -> np.ndarray | None:
         return None
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """numpy floats and bfloat16 (an ml_dtypes type, whose numpy kind is 'V')."""
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
 def _scalar(index: GraphIndex, name: str) -> float | None:
     """The value of a one-element constant, else None."""
     value = _const(index, name)
-    if value is None or value.size != 1 or value.dtype.kind not in "fiu":
+    if (
+        value is None
+        or value.size != 1
+        or not (value.dtype.kind in "iu" or _is_float(value.dtype))
+    ):
         return None
     return float(value.reshape(-1)[0])
 
@@ -266,7 +275,7 @@ def _affine(
     node = users[0]
     const = _other(node, value)
     array = _const(index, const) if const else None
-    if array is None or array.dtype.kind != "f":
+    if array is None or not _is_float(array.dtype):
         return None
     leading = array.shape[: max(0, array.ndim - len(axes))]
     if any(d != 1 for d in leading):
@@ -306,15 +315,15 @@ def _tail(
     return _Tail(tuple(nodes), axes, out, epsilon, why, eps_value, scale, bias)
 
 
-def _mean_subtracted(index: GraphIndex, value: str) -> tuple[str, str] | None:
-    """``(a, b)`` when ``value`` is ``Sub(a, ReduceMean(b))``, else None."""
+def mean_subtracted(index: GraphIndex, value: str) -> tuple[str, str, onnx.NodeProto] | None:
+    """``(a, b, the ReduceMean)`` when ``value`` is ``Sub(a, ReduceMean(b))``, else None."""
     sub = index.producer.get(value)
     if sub is None or sub.op_type != "Sub" or len(sub.input) != 2:
         return None
     mean = index.producer.get(sub.input[1])
     if mean is None or mean.op_type != "ReduceMean" or not mean.input:
         return None
-    return sub.input[0], mean.input[0]
+    return sub.input[0], mean.input[0], mean
 
 
 # ----------------------------------------------------------------------------- matchers
@@ -359,7 +368,7 @@ def match_decomposed_rmsnorm(index: GraphIndex, square: onnx.NodeProto) -> Match
     x = square.input[0]
     if not _is_square_of(index, square, x):
         return NoMatch(f"{square.op_type} is not a square of its input")
-    if (centered := _mean_subtracted(index, x)) is not None:
+    if (centered := mean_subtracted(index, x)) is not None:
         if centered[0] == centered[1]:
             return NoMatch("its input is x - mean(x): part of a decomposed LayerNorm")
         return NoMatch("its input subtracts the mean of another tensor: not a norm")

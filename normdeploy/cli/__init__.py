@@ -18,7 +18,7 @@ from normdeploy.cli._options import cli_words
 from normdeploy.errors import NormdeployError
 
 # One module per subcommand; each has add_parser(subparsers) and run(args) -> int.
-COMMANDS = ("models", "export", "inspect", "fold-bn", "verify", "deploy")
+COMMANDS = ("models", "export", "inspect", "fold-bn", "fuse-norms", "verify", "deploy")
 
 
 class _Parser(argparse.ArgumentParser):

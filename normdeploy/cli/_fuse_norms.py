@@ -1,0 +1,50 @@
+"""`normdeploy fuse-norms in.onnx -o out.onnx [--opset N]`: decomposed LayerNorm/RMSNorm become
+native ops, with a ledger."""
+
+from __future__ import annotations
+
+import argparse
+
+from normdeploy.cli._options import add_output_options, check_report_path, emit, run_reported
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "fuse-norms",
+        help="rewrite decomposed LayerNorm/RMSNorm as LayerNormalization/RMSNormalization",
+        description="Rewrite every decomposed LayerNorm (opset >= 17) and RMSNorm (opset >= 23) "
+        "that fuses exactly into the native op, confirm each against its decomposition, explain "
+        "every pattern kept and every look-alike left alone, and (unless --no-verify) check the "
+        "result against the input on onnxruntime before writing it. The opset is kept unless "
+        "--opset asks for another: then the whole model is converted first and the converted "
+        "graph checked. Exit 1 when a check fails (nothing is written).",
+    )
+    p.add_argument("input", metavar="IN.onnx", help="ONNX file (never modified)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    p.add_argument(
+        "--opset",
+        type=int,
+        metavar="N",
+        help="convert the model to opset N first (17: LayerNormalization, 23: RMSNormalization)",
+    )
+    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks")
+    add_output_options(p, force_help="overwrite existing outputs")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from normdeploy.folding import fuse_norms_file
+
+    check_report_path(args, (args.input, args.output))
+    result = run_reported(
+        args,
+        lambda: fuse_norms_file(
+            args.input,
+            args.output,
+            opset=args.opset,
+            overwrite=args.force,
+            verify=args.verify,
+        ),
+    )
+    emit(result, args)
+    return 0
