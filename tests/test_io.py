@@ -9,6 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import normdeploy.io
 from normdeploy.errors import InputFileError, OutputPathError
 from normdeploy.io import (
     check_output_path,
@@ -78,15 +79,18 @@ def test_save_is_atomic_and_refuses_to_overwrite(tmp_path):
         check_output_path(tmp_path / "missing" / "x.onnx")
 
 
-def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("external", [False, True], ids=["inline", "external-data"])
+def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch, external):
     target = tmp_path / "out.onnx"
 
     def explode(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
+    # Both writers: the streaming one (inline) and onnx's (external data).
     monkeypatch.setattr(onnx, "save_model", explode)
+    monkeypatch.setattr(normdeploy.io, "write_model", explode)
     with pytest.raises(OutputPathError, match="No space left"):
-        save_onnx(_tiny_model(), target)
+        save_onnx(_tiny_model(4096), target, external_data=external)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -26,8 +26,15 @@ FLAGS = {
     "exporter": "--exporter",
     "inputs": "--inputs",
     "weights": "--weights",
+    "max_memory": "--max-memory",
 }
-_SPELLED = {"dynamic_batch=False": "--static", "dynamic_batch=True": "--dynamic-batch"}
+_SPELLED = {
+    "dynamic_batch=False": "--static",
+    "dynamic_batch=True": "--dynamic-batch",
+    "verify=False": "--no-verify",
+    "keep_failed=True": "--keep-failed",
+    "overwrite=True": "--force",
+}
 _NAMES = "|".join(FLAGS)
 _ASSIGNMENT = re.compile(rf"\b({_NAMES})=(['\"]?)([^'\"\s,;)]+)\2")
 _LEADING = re.compile(rf"^({_NAMES}):")
@@ -57,6 +64,23 @@ def add_output_options(
         p.add_argument("-f", "--force", action="store_true", help=force_help)
 
 
+def add_keep_failed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="when the check fails, keep the graph as NAME.failed.onnx (default: write nothing)",
+    )
+
+
+def add_max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for the inputs and values normdeploy allocates, e.g. 8G "
+        "(default: $NORMDEPLOY_MAX_MEMORY, else half the available memory)",
+    )
+
+
 def input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]] | None:
     """The parsed --input-shape values, or None when none were given."""
     from normdeploy.modelspec import parse_shape
@@ -75,15 +99,19 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def check_report_path(
-    args: argparse.Namespace, inputs: Sequence[str | os.PathLike[str]]
+    args: argparse.Namespace,
+    inputs: Sequence[str | os.PathLike[str]],
+    outputs: Sequence[tuple[str | os.PathLike[str], str]] = (),
 ) -> None:
-    """Fail before any work when --report cannot be written."""
+    """Fail before any work when --report cannot be written: against the inputs, existing
+    files, and the command's other ``outputs`` (which the library checks itself)."""
     if args.report:
-        from normdeploy.io import check_output_path
+        from normdeploy.io import OutputPlan, plan_outputs
 
-        check_output_path(
-            args.report, inputs=tuple(inputs), overwrite=args.force, what="report"
-        )
+        plan: OutputPlan = plan_outputs([], inputs=inputs, overwrite=args.force)
+        for path, what in outputs:
+            plan.reserve(path, what)
+        plan.add(args.report, "report")
 
 
 def emit(result: Renderable, args: argparse.Namespace) -> None:
@@ -92,7 +120,7 @@ def emit(result: Renderable, args: argparse.Namespace) -> None:
 
     sys.stdout.write(render(result, args.format))
     if getattr(args, "report", None):
-        write_report(result, args.report)
+        write_report(result, args.report, overwrite=args.force)
 
 
 def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
@@ -104,5 +132,5 @@ def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
         if getattr(args, "report", None) and exc.result is not None:
             from normdeploy.report import write_report
 
-            write_report(exc.result, args.report)  # type: ignore[arg-type]
+            write_report(exc.result, args.report, overwrite=getattr(args, "force", False))  # type: ignore[arg-type]
         raise
