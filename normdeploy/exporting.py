@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 
 from normdeploy import __version__, census
@@ -47,7 +46,13 @@ from normdeploy.arguments import (
     path_arg,
 )
 from normdeploy.census.results import Census
-from normdeploy.errors import ExportError, InvalidArgumentError, first_line, user_code
+from normdeploy.errors import (
+    ExportError,
+    InvalidArgumentError,
+    UserCodeError,
+    first_line,
+    user_code,
+)
 from normdeploy.io import (
     PROTOBUF_LIMIT,
     OutputPlan,
@@ -70,7 +75,7 @@ from normdeploy.verification.compare import (
 )
 from normdeploy.verification.feeds import make_feeds
 from normdeploy.verification.results import worst
-from normdeploy.verification.runners import CPU, OrtRunner, module_outputs
+from normdeploy.verification.runners import CPU, OrtRunner, from_numpy, module_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -227,11 +232,31 @@ class ExportResult:
 
     _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
 
+    def failure_line(self) -> str:
+        """One line for a failed export: the first failing check's cause and what was kept."""
+        culprit = worst([c for g in self.batch_checks for c in g.checks if not c.passed])
+        if culprit is not None:
+            comp = culprit.comparison
+            why = (
+                comp.detail
+                if comp.max_abs is None
+                else f"output '{comp.name}' differs from PyTorch eval by {fmt_num(comp.max_abs)}"
+                f" (atol={comp.atol:g}, rtol={comp.rtol:g})"
+            )
+        else:
+            why = "the census's numerical confirmation failed"
+        kept = (
+            f"kept as {self.written}"
+            if self.written is not None
+            else f"{self.path} not written (--keep-failed keeps it as NAME.failed.onnx)"
+        )
+        return f"FAIL: {why}; {kept}"
+
     def _written_words(self) -> str:
         if self.written is None:
             return (
                 f"nothing: the check failed, so {self.path} was not written "
-                "(keep_failed=True keeps the graph as NAME.failed.onnx)"
+                "(--keep-failed keeps the failing graph as NAME.failed.onnx)"
             )
         extra = " (+ external data)" if self.external_data else ""
         if self.written != self.path:
@@ -473,7 +498,6 @@ def _batch_checks(
     seed: int,
 ) -> tuple[BatchCheck, ...]:
     """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size."""
-    import torch
 
     specs = graph_input_specs(model)
     runner = OrtRunner(model, CPU)
@@ -487,7 +511,7 @@ def _batch_checks(
             failed = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
             groups.append(BatchCheck(batch, (failed,)))
             continue
-        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+        args = [from_numpy(v) for v in feeds.values()]
         try:
             torch_outputs = module_outputs(eval_module, args)
         except Exception as exc:
@@ -539,9 +563,10 @@ def _run_in_eval(module: torch.nn.Module, args: tuple[Any, ...], name: str) -> t
     try:
         outputs = module_outputs(eval_module, args)
     except Exception as exc:
+        what = "" if isinstance(exc, UserCodeError) else f"{type(exc).__name__}: "
         raise InvalidArgumentError(
             f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "
-            f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+            f"{what}{first_line(exc, 300, innermost=True)}"
         ) from None
     if not outputs:
         raise InvalidArgumentError(

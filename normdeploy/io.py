@@ -369,7 +369,6 @@ def staging_dir(directory: str | os.PathLike[str]) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- the output plan
 
 
-@lru_cache(maxsize=1)
 def _umask() -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -441,6 +440,11 @@ class OutputPlan:
         """Check one output file now; return it as a Path."""
         p = as_path(path, what)
         parent = p.parent
+        if parent.is_dir() and len(os.fsencode(p.name)) > (limit := _name_max(parent)):
+            raise OutputPathError(
+                f"{parent / (p.name[:24] + '…')}: {what} file name is "
+                f"{len(os.fsencode(p.name))} bytes, over this file system's limit of {limit}"
+            )
         try:
             lst = os.lstat(p)
         except FileNotFoundError:
@@ -491,12 +495,6 @@ class OutputPlan:
             )
         if lst is not None and not self.overwrite:
             raise OutputPathError(f"{p}: {what} file exists (use --force to overwrite)")
-        limit = _name_max(parent)
-        if len(os.fsencode(p.name)) > limit:
-            raise OutputPathError(
-                f"{p.name[:40]}…: {what} file name is {len(os.fsencode(p.name))} bytes, over "
-                f"this file system's limit of {limit}"
-            )
         if not os.access(parent, os.W_OK):
             raise OutputPathError(f"{p}: {what} directory '{parent}' is not writable")
         self._names[key] = planned

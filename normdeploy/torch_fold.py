@@ -13,6 +13,13 @@ checked for the conditions under which folding is exact (see :func:`_check_pair`
 parameters are replaced and the BatchNorm becomes ``nn.Identity``. The copy keeps its own class and
 forward. When the forward cannot be traced, traceable submodules are folded on their own and the
 rest is left as it was. Every BatchNorm gets a ledger entry: folded into which module, or why not.
+
+Only a BatchNorm whose every use is the plain call folds: the forward code (traced, or run on the
+example inputs) is watched for any other read of the BatchNorm (``self.bn.running_mean``,
+``self.bn.eps``, ``isinstance(self.bn, …)``) or of the producer's weight and bias, since the
+folded copy has neither; such a BatchNorm is kept with the reason. With example inputs the folded
+copy is finally run against the unfolded eval copy, and a copy that fails or differs is never
+returned: every fold is undone and the ledger says why.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import sys
+import sysconfig
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeGuard, cast
 
@@ -32,9 +42,11 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from normdeploy.errors import InvalidArgumentError
+from normdeploy.errors import InvalidArgumentError, first_line, user_code
 from normdeploy.passes.fold_math import bn_scale_shift, fold_into_producer, output_channels
 from normdeploy.report import markdown_table, text_table
+from normdeploy.verification.compare import DEFAULT_POLICY
+from normdeploy.verification.runners import flatten_outputs, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -245,6 +257,7 @@ class _FoldContext:
     example_inputs: Any
     bn_training: dict[int, bool]  # mode as handed over, by module id
     trace_error: str | None
+    attribute_reads: dict[int, set[str]] = field(default_factory=dict)  # see _AttributeWatch
 
 
 _Fold = tuple[str, str, _ProducerLayout]  # (producer path, BatchNorm path, producer layout)
@@ -254,6 +267,8 @@ def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, 
     """The ledger entry of the BatchNorm called at ``node``, and the fold to apply (if any)."""
     bn_path = prefix + str(node.target)
     bn = cast(_BatchNorm, ctx.work.get_submodule(bn_path))
+    if (reason := _other_use_reason(ctx, prefix, node, bn)) is not None:
+        return BnFoldEntry(bn_path, type(bn).__name__, reason=reason), None
     args = (ctx.work, node, prefix, bn_path, bn, ctx.usage, ctx.ranks, ctx.example_inputs)
     producer_path, reason = _check_pair(*args)
     if reason is not None or producer_path is None:
@@ -286,11 +301,13 @@ def fold_bn_module_with_ledger(
     # is what deployment needs; the ledger says which BatchNorms arrived in train mode.
     bn_training = {id(m): m.training for m in work.modules() if _is_batch_norm(m)}
     work.eval()
-    graphs, untraceable = _trace_tree(work)
-    ranks, shape_error = _bn_input_ranks(work, example_inputs)
+    watch = _AttributeWatch(work)
+    with watch.active():
+        graphs, untraceable = _trace_tree(work)
+        ranks, shape_error, expected = _bn_input_ranks(work, example_inputs)
     ctx = _FoldContext(
         work, _Usage.collect(work, graphs), ranks, example_inputs, bn_training,
-        untraceable.get(""),
+        untraceable.get(""), watch.reads,
     )  # fmt: skip
 
     entries: dict[int, BnFoldEntry] = {}
@@ -312,13 +329,26 @@ def fold_bn_module_with_ledger(
             if fold is not None:
                 folds.append(fold)
 
-    for producer_path, bn_path, layout in folds:
-        _apply_fold(work, producer_path, bn_path, layout)
     for path, mod in work.named_modules():
         if _is_batch_norm(mod) and id(mod) not in entries:
             entries[id(mod)] = BnFoldEntry(
                 path, type(mod).__name__, reason=_unseen_reason(path, untraceable)
             )
+    pristine = copy.deepcopy(work) if folds and expected is not None else None
+    for producer_path, bn_path, layout in folds:
+        _apply_fold(work, producer_path, bn_path, layout)
+    if (
+        pristine is not None
+        and expected is not None
+        and (why := _folded_copy_fault(work, example_inputs, expected)) is not None
+    ):
+        work = pristine  # never return a module that fails or differs: undo every fold
+        entries = {
+            key: BnFoldEntry(e.batch_norm, e.bn_type, reason=f"{why}; every fold undone")
+            if e.folded
+            else e
+            for key, e in entries.items()
+        }
 
     ledger = tuple(entries.values())
     for e in ledger:
@@ -348,7 +378,8 @@ def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, 
 
     def visit(mod: nn.Module, path: str) -> None:
         try:
-            graph = fx.Tracer().trace(mod)
+            with user_code("the model's forward"):
+                graph = fx.Tracer().trace(mod)
         except Exception as exc:  # any failure means "not provable here"; look inside
             untraceable[path] = (
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -367,10 +398,11 @@ def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, 
 
 def _bn_input_ranks(
     root: nn.Module, example_inputs: Any
-) -> tuple[dict[int, set[int]], str | None]:
-    """Ranks of the tensors each BatchNorm receives when the eval copy runs the example inputs."""
+) -> tuple[dict[int, set[int]], str | None, list[torch.Tensor] | None]:
+    """Ranks of the tensors each BatchNorm receives when the eval copy runs the example inputs,
+    and the copy's outputs there (what the folded copy must reproduce)."""
     if example_inputs is None:
-        return {}, None
+        return {}, None, None
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ranks: dict[int, set[int]] = defaultdict(set)
 
@@ -382,15 +414,15 @@ def _bn_input_ranks(
         m.register_forward_pre_hook(record) for m in root.modules() if _is_batch_norm(m)
     ]
     try:
-        with torch.no_grad():
-            root(*args)
+        with torch.no_grad(), user_code("the model's forward"):
+            outputs = flatten_outputs(root(*args))
     except Exception as exc:
         logger.warning("example inputs did not run through the module: %s", exc)
-        return {}, f"{type(exc).__name__}: {exc}"
+        return {}, f"{type(exc).__name__}: {exc}", None
     finally:
         for h in handles:
             h.remove()
-    return dict(ranks), None
+    return dict(ranks), None, [t.detach().clone() for t in outputs]
 
 
 @dataclass(frozen=True)
@@ -560,6 +592,117 @@ def _apply_fold(
     producer.bias = nn.Parameter(bias, requires_grad=grad)
     parent_path, _, name = bn_path.rpartition(".")
     setattr(root.get_submodule(parent_path), name, nn.Identity())
+
+
+# Code that is not the model's own: reads from here are torch's machinery, the tracer, or ours.
+_LIBRARY_DIRS = (
+    *(
+        os.path.join(os.path.dirname(os.path.abspath(f)), "")
+        for f in (torch.__file__, __file__)
+    ),
+    os.path.join(sysconfig.get_paths()["stdlib"], ""),
+)
+_PRODUCER_STATE = frozenset(("weight", "bias", "_parameters"))
+
+
+def _is_library_code(filename: str) -> bool:
+    return filename.startswith("<") or filename.startswith(_LIBRARY_DIRS)
+
+
+class _AttributeWatch:
+    """Which BatchNorms (any attribute) and producers (weight/bias) the model's own code reads
+    other than by calling them, while tracing and running the forward.
+
+    Each watched instance gets, for the duration of :meth:`active`, a subclass of its own class
+    whose ``__getattribute__`` notes reads made from frames outside torch, the standard library
+    and normdeploy. Calling a module looks ``__call__`` up on its type, so a plain call is never
+    a read.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.modules = [
+            m for m in root.modules() if _is_batch_norm(m) or type(m) in _PRODUCERS
+        ]
+        self.reads: dict[int, set[str]] = defaultdict(set)
+
+    def _watched(self, cls: type[nn.Module], producer: bool) -> type[nn.Module]:
+        reads = self.reads
+        base = cls.__getattribute__
+
+        def __getattribute__(self: nn.Module, name: str) -> Any:  # noqa: N807
+            if (not producer or name in _PRODUCER_STATE) and not _is_library_code(
+                sys._getframe(1).f_code.co_filename
+            ):
+                reads[id(self)].add(name)
+            return base(self, name)
+
+        namespace = {
+            "__getattribute__": __getattribute__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        return type(cls.__name__, (cls,), namespace)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        originals = [(m, type(m)) for m in self.modules]
+        for m, cls in originals:
+            m.__class__ = self._watched(cls, producer=cls in _PRODUCERS)
+        try:
+            yield
+        finally:
+            for m, cls in originals:
+                m.__class__ = cls
+
+
+def _other_use_reason(
+    ctx: _FoldContext, prefix: str, node: fx.Node, bn: nn.Module
+) -> str | None:
+    """Why the BatchNorm at ``node`` (or its producer) is used other than by the plain call."""
+    if read := ctx.attribute_reads.get(id(bn)):
+        return (
+            f"forward reads BatchNorm attribute(s) {', '.join(sorted(read))} besides calling "
+            "it (the folded copy has no BatchNorm there)"
+        )
+    src = node.args[0] if node.args else None
+    if isinstance(src, fx.Node) and src.op == "call_module":
+        with contextlib.suppress(AttributeError):
+            producer = ctx.work.get_submodule(prefix + str(src.target))
+            if read := ctx.attribute_reads.get(id(producer)):
+                return (
+                    f"forward reads the producer's {', '.join(sorted(read))} besides calling "
+                    "it (folding changes them)"
+                )
+    if ctx.trace_error is not None and ctx.example_inputs is None:
+        return (
+            f"inside traceable '{prefix[:-1]}', but the forward around it is not traceable and "
+            "no example_inputs were given to watch how it uses the BatchNorm"
+        )
+    return None
+
+
+def _folded_copy_fault(
+    work: nn.Module, example_inputs: Any, expected: list[torch.Tensor]
+) -> str | None:
+    """Why the folded copy cannot be returned (it fails, or differs from the unfolded eval
+    copy beyond the package's tolerance on the example inputs), or None."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad(), user_code("the folded model's forward"):
+            got = flatten_outputs(work(*args))
+    except Exception as exc:
+        return f"the folded copy fails on example_inputs ({type(exc).__name__}: {first_line(exc)})"
+    if len(got) != len(expected):
+        return f"the folded copy returns {len(got)} tensor(s), the model {len(expected)}"
+    for i, (e, a) in enumerate(zip(expected, got, strict=True)):
+        comparison = DEFAULT_POLICY.compare(f"output {i}", to_numpy(e), to_numpy(a))
+        if not comparison.passed:
+            return (
+                f"the folded copy differs from the model on example_inputs (output {i}: "
+                f"max |Δ| {comparison.max_abs}, atol {comparison.atol:g}, rtol "
+                f"{comparison.rtol:g})"
+            )
+    return None
 
 
 def _unseen_reason(path: str, untraceable: dict[str, str]) -> str:

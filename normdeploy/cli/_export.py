@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from normdeploy.cli._options import (
@@ -97,4 +98,7 @@ def run(args: argparse.Namespace) -> int:
         keep_failed=args.keep_failed,
     )
     emit(result, args)
-    return 0 if result.passed else 1
+    if result.passed:
+        return 0
+    print(f"normdeploy export: {result.failure_line()}", file=sys.stderr)
+    return 1

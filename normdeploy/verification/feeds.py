@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 
 from normdeploy.budget import array_bytes, check_allocation, describe_shapes, generation_bytes
-from normdeploy.errors import InputFileError, InvalidArgumentError, first_line
+from normdeploy.errors import (
+    InputFileError,
+    InvalidArgumentError,
+    ResourceLimitError,
+    first_line,
+)
 from normdeploy.io import check_input_file, describe_content
 from normdeploy.onnx_graph import InputSpec
 
@@ -120,10 +125,15 @@ def make_feeds(
     """Seeded stress inputs for every graph input (sized against the memory budget first)."""
     check_feed_memory(specs, [batch_size], 1, dim_values)
     rng = np.random.default_rng(seed)
-    return {
-        s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
-        for s in specs
-    }
+    try:
+        return {
+            s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
+            for s in specs
+        }
+    except MemoryError as exc:  # within the budget, yet the machine said no
+        raise ResourceLimitError(
+            f"stress inputs: cannot allocate ({first_line(exc, 160)})"
+        ) from None
 
 
 def feeds_like(

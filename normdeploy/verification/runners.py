@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
+from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line, user_code
 
 if TYPE_CHECKING:
     import torch
@@ -189,6 +189,17 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor of ``array`` (contiguous); bfloat16 (ml_dtypes, which torch cannot take
+    directly) through a 16-bit view."""
+    import torch
+
+    a = np.ascontiguousarray(array)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def module_float_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating-point parameter or buffer."""
     for t in [*module.parameters(), *module.buffers()]:
@@ -201,8 +212,9 @@ def module_outputs(module: torch.nn.Module, args: Sequence[Any]) -> list[np.ndar
     """The module's outputs on ``args`` under ``no_grad`` as numpy arrays (mode as it is)."""
     import torch
 
-    with torch.no_grad():
-        return [to_numpy(t) for t in flatten_outputs(module(*args))]
+    with torch.no_grad(), user_code("the model's forward"):
+        outputs = flatten_outputs(module(*args))
+    return [to_numpy(t) for t in outputs]
 
 
 @dataclass
@@ -224,12 +236,11 @@ class TorchRunner:
 
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
-        import torch
 
         dtype = module_float_dtype(self._model)
         out = []
         for name in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            t = from_numpy(feeds[name])
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             out.append(t.to(self.device))
