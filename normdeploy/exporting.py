@@ -704,7 +704,9 @@ def export(
     written = out if passed else failed_file_for(out) if keep_failed else None
     if written is not None:
         with staging_dir(out.parent) as tmp:
-            files = stage_onnx(model, tmp / written.name, external_data=external)
+            files = stage_onnx(
+                model, tmp / written.name, external_data=external, target=written
+            )
             plan.publish([(f, out.parent / f.name) for f in files])
     timings["save"] = time.perf_counter() - start
     return ExportResult(

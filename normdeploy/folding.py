@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from normdeploy.arguments import check_bool, check_int, onnx_model_arg
+from normdeploy.arguments import check_bool, check_int, onnx_model_arg, path_arg
 from normdeploy.errors import InvalidModelError, NormdeployError, VerificationFailed
 from normdeploy.io import (
     OutputPlan,
@@ -308,7 +308,8 @@ def run_pass_on_file(
         check_bool(flag, name)
     check_int(seed, "seed")
     plan = OutputPlan(overwrite=overwrite)
-    src = check_input_file(input_path, "ONNX")
+    path_arg(output_path, "output_path")
+    src = check_input_file(path_arg(input_path, "input_path"), "ONNX")
     plan.add_input(src)
     out = plan.add(output_path)
     failed = plan.add(failed_file_for(out), "failed graph") if keep_failed else None
@@ -331,7 +332,7 @@ def run_pass_on_file(
     with staging_dir(out.parent) as tmp:
         staged = tmp / out.name
         start = time.perf_counter()
-        written = stage_onnx(done.model, staged, external_data=external)
+        written = stage_onnx(done.model, staged, external_data=external, target=out)
         timings["save"] = time.perf_counter() - start
         if verify:
             start = time.perf_counter()

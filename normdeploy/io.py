@@ -665,10 +665,17 @@ def needs_external_data(model: onnx.ModelProto) -> bool:
     return model_size_bytes(model) > PROTOBUF_LIMIT - 64 * 2**20
 
 
-def stage_onnx(model: onnx.ModelProto, staged: Path, *, external_data: bool) -> list[Path]:
+def stage_onnx(
+    model: onnx.ModelProto,
+    staged: Path,
+    *,
+    external_data: bool,
+    target: Path | None = None,
+) -> list[Path]:
     """Write ``model`` to ``staged`` (inside a staging directory), with its tensors in
     ``<name>.data`` beside it when ``external_data``; return the files written, data first.
-    The in-memory model then references that data file instead of holding the bytes."""
+    The in-memory model then references that data file instead of holding the bytes. Errors
+    name ``target``, the file being staged for."""
     try:
         if not external_data:
             save_model_streaming(model, staged)
@@ -683,7 +690,9 @@ def stage_onnx(model: onnx.ModelProto, staged: Path, *, external_data: bool) -> 
             size_threshold=EXTERNAL_DATA_THRESHOLD,
         )
     except OSError as exc:
-        raise OutputPathError(f"{staged.name}: cannot write ({exc.strerror or exc})") from None
+        raise OutputPathError(
+            f"{target or staged.name}: cannot write ({exc.strerror or exc})"
+        ) from None
     data = data_file_for(staged)
     return [data, staged] if data.exists() else [staged]
 
@@ -733,7 +742,7 @@ def save_onnx(
     plan = plan_outputs([], inputs=inputs, overwrite=overwrite)
     p = plan.add_onnx(path, external_data=external_data)
     with staging_dir(p.parent) as tmp:
-        written = stage_onnx(model, tmp / p.name, external_data=external_data)
+        written = stage_onnx(model, tmp / p.name, external_data=external_data, target=p)
         plan.publish([(f, p.parent / f.name) for f in written])
     return p
 

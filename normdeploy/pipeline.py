@@ -405,12 +405,12 @@ def deploy(
     choice = resolve_providers(providers)
     resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
     _check_feeds_fit(resolved.example_inputs, batch_sizes)
-    for note in choice.notes:
-        progress.note(note)
     created = not out.exists()
     out.mkdir(exist_ok=True)
     try:
         plan = _plan_deploy(out, overwrite, keep_failed)
+        for note in choice.notes:
+            progress.note(note)
         final = out / MODEL_FILE
         with staging_dir(out) as tmp:
             result = _deploy_staged(

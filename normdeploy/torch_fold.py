@@ -233,6 +233,17 @@ def fold_bn_module(module: nn.Module, example_inputs: Any = None) -> nn.Module:
     return fold_bn_module_with_ledger(module, example_inputs).module
 
 
+def _example_inputs(value: Any) -> Any:
+    """``example_inputs`` as given (a tensor or a tuple/list of inputs), or a typed error."""
+    if value is None or isinstance(value, (torch.Tensor, tuple)):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise InvalidArgumentError(
+        f"example_inputs: expected a tensor or a tuple of inputs, got {type(value).__name__}"
+    )
+
+
 def _deep_copy(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise InvalidArgumentError(
@@ -297,6 +308,7 @@ def fold_bn_module_with_ledger(
     the rank of the tensor BatchNorm actually sees; without it they are skipped with a reason.
     """
     work = _deep_copy(module)
+    example_inputs = _example_inputs(example_inputs)
     # Mode as handed over. The result always has eval semantics (running statistics), which
     # is what deployment needs; the ledger says which BatchNorms arrived in train mode.
     bn_training = {id(m): m.training for m in work.modules() if _is_batch_norm(m)}

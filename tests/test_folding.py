@@ -132,7 +132,8 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path) -> None:
     )
     digest = sha256_file(tmp_path / "out.onnx.data")
     with pytest.raises(
-        OutputPathError, match=r"out\.onnx\.data: output's external data would overwrite the input's"
+        OutputPathError,
+        match=r"out\.onnx\.data: output's external data would overwrite the input's",
     ):
         fold_bn_file(src, tmp_path / "out.onnx")
     assert sha256_file(tmp_path / "out.onnx.data") == digest
@@ -163,6 +164,26 @@ def test_a_bn_that_computes_nan_is_an_input_error_and_nothing_is_written(tmp_pat
     with pytest.raises(InvalidModelError, match=r"'bn' has var \+ epsilon <= 0"):
         fold_bn_file(src, tmp_path / "out.onnx")
     assert listing(tmp_path) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_conv_weights_keep_the_bn_and_say_so(bad) -> None:
+    """The producer's own weights are NaN/inf: the BN stays, the ledger says the folded values
+    would not be finite (not an overflow), and the JSON says nothing was compared."""
+    weight = w(4, 3, 3, 3)
+    weight[0, 0, 0, 0] = bad
+    model = parse(
+        """G (float[2,3,5,5] X) => (float[2,4,3,3] Y) {
+            A = Conv (X, W)
+            Y = BatchNormalization (A, g, b, m, v)
+        }""",
+        {"W": weight, **bn_params(4)},
+    )
+    d = fold_bn(model).to_dict()
+    (entry,) = d["ledger"]
+    assert entry["action"] == "kept" and "folded values are not finite" in entry["reason"]
+    assert "overflow" not in entry["reason"]
+    assert d["verified"] is None and d["checked"].startswith("nothing folded")
 
 
 def test_stream_writer_is_byte_identical_to_serialize(tmp_path) -> None:

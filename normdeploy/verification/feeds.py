@@ -227,7 +227,7 @@ def _read_npz(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
         head = f.read(16)
     if head.startswith(b"\x93NUMPY"):
         raise InputFileError(
-            f"{p}: a single .npy array; inputs needs an .npz with one array per graph input name"
+            f"{p}: a single .npy array, not an .npz with one array per graph input name"
         )
     if not zipfile.is_zipfile(p):
         raise InputFileError(f"{p}: not an .npz archive ({describe_content(head)})")
@@ -248,7 +248,7 @@ def _read_npz(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
                 if dtype.hasobject:
                     raise InputFileError(
                         f"{p}: member '{m.filename}' holds Python objects (pickled data); "
-                        "refused: inputs must be numeric arrays"
+                        "refused: feeds must be numeric arrays"
                     )
                 headers.append((name, shape, dtype))
             check_allocation(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,22 @@ def session_options(optimize: bool = False, threads: int | None = None) -> Any:
     return so
 
 
+_ORT_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),  # error code and name
+    re.compile(r"^Load model from .*? failed:"),  # the path: the caller names the file
+    re.compile(r"^/\S+:\d+ [^(]*\([^)]*\)\s*"),  # C++ source location and signature
+)
+
+
+def ort_message(exc: BaseException, limit: int = 200) -> str:
+    """onnxruntime's reason in plain words: its error code, the model path and the C++ source
+    location that prefix it are dropped."""
+    text = first_line(exc, 10_000)
+    for pattern in _ORT_NOISE:
+        text = pattern.sub("", text)
+    return text.strip()[:limit] or type(exc).__name__
+
+
 @dataclass
 class OrtRunner:
     """Runs one ONNX model on one execution provider: ``infer(feeds) -> {name: array}``."""
@@ -145,7 +162,7 @@ class OrtRunner:
             self.session  # noqa: B018
         except Exception as exc:
             raise InvalidModelError(
-                f"{label}: onnxruntime cannot load it: {first_line(exc)}"
+                f"{label}: onnxruntime cannot load it: {ort_message(exc)}"
             ) from None
         return self
 
