@@ -27,11 +27,13 @@ from normdeploy.io import (
     check_input_file,
     data_file_for,
     failed_file_for,
+    model_header,
     read_onnx,
     restage_as,
     stage_onnx,
     staging_dir,
 )
+from normdeploy.onnx_graph import graph_input_specs
 from normdeploy.passes import FOLDED, KEPT, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
 from normdeploy.report import fmt_num, markdown_table, text_table
@@ -41,8 +43,9 @@ from normdeploy.verification.compare import (
     compare_graphs,
     failed_check,
 )
+from normdeploy.verification.feeds import make_feeds
 from normdeploy.verification.results import worst
-from normdeploy.verification.runners import CPU, OrtRunner
+from normdeploy.verification.runners import CPU, OrtRunner, ort_message
 
 
 @dataclass(frozen=True)
@@ -222,11 +225,18 @@ def _self_check(
         raise
     except Exception as exc:
         cause = exc
+    skip = f"{pass_name} cannot check its result on it (verify=False skips the check)"
     try:
-        OrtRunner(original, CPU).open(source)
+        runner = OrtRunner(original, CPU).open(source)
     except InvalidModelError as exc:
+        raise InvalidModelError(f"{exc}; {skip}") from None
+    try:
+        runner.infer(make_feeds(graph_input_specs(model_header(original)), 1, seed))
+    except NormdeployError:
+        raise
+    except Exception as exc:
         raise InvalidModelError(
-            f"{exc}; {pass_name} cannot check its result on it (verify=False skips the check)"
+            f"{source}: onnxruntime cannot run it: {ort_message(exc)}; {skip}"
         ) from None
     return (
         failed_check(GRAPH_VS_ORIGINAL, CPU, "-", f"running the {pass_name} output", cause),

@@ -183,7 +183,12 @@ def describe_content(head: bytes) -> str:
         head.decode("utf-8")
         return "a text file"
     except UnicodeDecodeError:
-        return "not an ONNX protobuf"
+        return "binary data"
+
+
+def _not_onnx(head: bytes) -> str:
+    what = describe_content(head)
+    return "not an ONNX protobuf" if what == "binary data" else what
 
 
 # ----------------------------------------------------------------------------- external data
@@ -257,6 +262,15 @@ def external_data_files(model: onnx.ModelProto, source: Path) -> dict[Path, int]
     return needed
 
 
+def model_header(model: onnx.ModelProto | bytes | str | os.PathLike[str]) -> onnx.ModelProto:
+    """A model's proto without reading its external data (inputs, outputs, graph structure)."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    if isinstance(model, bytes):
+        return onnx.load_from_string(model)
+    return onnx.load_model(os.fspath(model), load_external_data=False)
+
+
 def read_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) -> OnnxFile:
     """Parse an ONNX file and its external data; raise InputFileError with one line if broken."""
     p = check_input_file(path, "ONNX")
@@ -266,13 +280,13 @@ def read_onnx(path: str | os.PathLike[str], *, load_external_data: bool = True) 
         model = onnx.load_model(str(p), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError or plain errors on garbage
         raise InputFileError(
-            f"{p}: cannot parse as ONNX ({describe_content(head)}; {type(exc).__name__})"
+            f"{p}: cannot parse as ONNX ({_not_onnx(head)}; {type(exc).__name__})"
         ) from None
     if not model.HasField("graph") or (
         not model.graph.node and not model.graph.output and not model.opset_import
     ):
         raise InputFileError(
-            f"{p}: not an ONNX model ({describe_content(head)}; no graph in the file)"
+            f"{p}: not an ONNX model ({_not_onnx(head)}; no graph in the file)"
         )
     data_files = external_data_files(model, p)
     if data_files and load_external_data:
@@ -387,12 +401,15 @@ def new_file_mode() -> int:
 
 
 def data_file_for(path: Path) -> Path:
-    """Where a model's external data goes: ``NAME.onnx.data`` beside it."""
-    return path.with_name(path.name + DATA_SUFFIX)
+    """Where a model's external data goes: ``NAME.onnx.data`` beside it. (A path without a
+    name, like ``.``, is returned as it is: the plan refuses it as a directory.)"""
+    return path.with_name(path.name + DATA_SUFFIX) if path.name else path
 
 
 def failed_file_for(path: Path) -> Path:
     """Where ``--keep-failed`` keeps a failing graph: ``NAME.failed.onnx`` beside ``path``."""
+    if not path.name:
+        return path
     stem = path.name[: -len(".onnx")] if path.name.lower().endswith(".onnx") else path.name
     return path.with_name(stem + FAILED_SUFFIX)
 

@@ -530,6 +530,9 @@ def deploy_many(
     plan = OutputPlan(overwrite=overwrite)  # the summaries, checked before the first model
     for name in ("summary.json", "summary.md"):
         plan.add(out / name, "summary")
+    for name in models:  # and every model's files, where a folder of that name exists
+        if (out / name).is_dir():
+            _plan_deploy(out / name, overwrite, bool(options.get("keep_failed", False)))
     results = []
     start = time.perf_counter()
     for i, name in enumerate(models, 1):

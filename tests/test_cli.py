@@ -145,3 +145,20 @@ def test_an_exit_past_the_library_guards_is_still_one_line_and_exit_2(monkeypatc
     assert main(["fold-bn", "in.onnx", "-o", "out.onnx"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "called sys.exit(0)" in lines[0]
+
+
+def test_a_result_that_cannot_be_printed_is_one_line(monkeypatch, capsys):
+    class FullStdout:  # standard output on a full disk
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", FullStdout())
+    assert main(["models"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "normdeploy models: error: standard output: cannot write the result "
+        "(No space left on device)"
+    ]

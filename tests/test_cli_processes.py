@@ -149,7 +149,16 @@ RACE_CASES = [
         "both exit 0; the file is one complete model (os.replace), no staging directory",
     ),
 ]
-PROCESS_CASES = [*SIGNAL_CASES, *DEPLOY_SIGNAL_CASES, *RACE_CASES]  # fmt: skip
+PIPE_CASES = [
+    ProcessCase(
+        "stdout-closed",
+        "models --format json | (a reader that has gone)",
+        "writing the result finds the pipe closed",
+        141,
+        "nothing on stderr, no traceback: 128 + SIGPIPE, like any Unix filter whose reader left",
+    ),
+]
+PROCESS_CASES = [*SIGNAL_CASES, *DEPLOY_SIGNAL_CASES, *RACE_CASES, *PIPE_CASES]  # fmt: skip
 
 
 def _wait_for(path: Path, proc: subprocess.Popen) -> None:
@@ -253,3 +262,15 @@ def test_a_signal_during_deploy_leaves_no_staging_dir_and_no_folder(tmp_path, ca
         "Traceback" not in err and f"interrupted by {signal.Signals(case.signum).name}" in err
     )
     assert not out.exists()  # the folder this run created, empty again, is gone too
+
+
+def test_a_reader_that_has_gone_ends_the_run_quietly():
+    (case,) = PIPE_CASES
+    proc = subprocess.Popen(
+        [sys.executable, "cli.py", "models", "--format", "json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader leaves before the result is written
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=WAIT_S) == case.code and err == ""

@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -21,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 
 from normdeploy import __version__
-from normdeploy.cli._options import cli_words
+from normdeploy.cli._options import StdoutClosed, cli_words
 from normdeploy.errors import Interrupted, NormdeployError, describe_exit, interrupt_exit_code
 
 # One module per subcommand; each has add_parser(subparsers) and run(args) -> int.
@@ -102,6 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{prefix}: error: {cli_words(str(exc))}", file=sys.stderr)
         return exc.exit_code
+    except StdoutClosed:
+        # Like any Unix filter whose reader left: quiet, 128 + SIGPIPE. Later flushes of
+        # stdout (at exit) go nowhere instead of failing again.
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt as exc:
         if args.debug:
             raise

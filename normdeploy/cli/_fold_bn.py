@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_reported(
         args,
         lambda: fold_bn_file(
-            args.input, out, overwrite=args.force, verify=args.verify,
+            args.input, args.output, overwrite=args.force, verify=args.verify,
             keep_failed=args.keep_failed,
         ),
     )  # fmt: skip

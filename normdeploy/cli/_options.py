@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from normdeploy.errors import InvalidArgumentError, VerificationFailed
+from normdeploy.errors import InvalidArgumentError, OutputPathError, VerificationFailed
 from normdeploy.report import Renderable
 
 FORMATS = ("text", "json", "markdown")
@@ -27,6 +27,10 @@ FLAGS = {
     "inputs": "--inputs",
     "weights": "--weights",
     "max_memory": "--max-memory",
+    "output_path": "-o",
+    "out_dir": "-o",
+    "path": "-o",
+    "report": "--report",
 }
 _SPELLED = {
     "dynamic_batch=False": "--static",
@@ -105,7 +109,7 @@ def check_report_path(
 ) -> None:
     """Fail before any work when --report cannot be written: against the inputs, existing
     files, and the command's other ``outputs`` (which the library checks itself)."""
-    if args.report:
+    if args.report is not None:
         from normdeploy.io import OutputPlan, plan_outputs
 
         plan: OutputPlan = plan_outputs([], inputs=inputs, overwrite=args.force)
@@ -114,13 +118,26 @@ def check_report_path(
         plan.add(args.report, "report")
 
 
+class StdoutClosed(Exception):
+    """Whoever read our standard output went away (``normdeploy … | head``)."""
+
+
 def emit(result: Renderable, args: argparse.Namespace) -> None:
-    """Print the result in --format, and write --report when asked."""
+    """Write --report when asked, then print the result in --format (a closed pipe on stdout
+    then costs nothing already done)."""
     from normdeploy.report import render, write_report
 
-    sys.stdout.write(render(result, args.format))
-    if getattr(args, "report", None):
+    if getattr(args, "report", None) is not None:
         write_report(result, args.report, overwrite=args.force)
+    try:
+        sys.stdout.write(render(result, args.format))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise StdoutClosed from None
+    except OSError as exc:
+        raise OutputPathError(
+            f"standard output: cannot write the result ({exc.strerror or exc})"
+        ) from None
 
 
 def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
@@ -129,7 +146,7 @@ def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
     try:
         return work()
     except VerificationFailed as exc:
-        if getattr(args, "report", None) and exc.result is not None:
+        if getattr(args, "report", None) is not None and exc.result is not None:
             from normdeploy.report import write_report
 
             write_report(exc.result, args.report, overwrite=getattr(args, "force", False))  # type: ignore[arg-type]

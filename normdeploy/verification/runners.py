@@ -107,7 +107,7 @@ def session_options(optimize: bool = False, threads: int | None = None) -> Any:
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors arrive as exceptions, with their message
     if threads:
         so.intra_op_num_threads = threads
     return so
@@ -116,7 +116,7 @@ def session_options(optimize: bool = False, threads: int | None = None) -> Any:
 _ORT_NOISE = (
     re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),  # error code and name
     re.compile(r"^Load model from .*? failed:"),  # the path: the caller names the file
-    re.compile(r"^/\S+:\d+ [^(]*\([^)]*\)\s*"),  # C++ source location and signature
+    re.compile(r"/\S+\.(?:cc|cpp|h):\d+ [^(]*\([^)]*\)\s*"),  # C++ location and signature
 )
 
 
