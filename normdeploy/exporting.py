@@ -255,7 +255,7 @@ class ExportResult:
     def _written_words(self) -> str:
         if self.written is None:
             return (
-                f"nothing: the check failed, so {self.path} was not written "
+                f"nothing: a check failed, so {self.path} was not written "
                 "(--keep-failed keeps the failing graph as NAME.failed.onnx)"
             )
         extra = " (+ external data)" if self.external_data else ""

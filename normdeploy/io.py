@@ -438,9 +438,9 @@ class OutputPlan:
         what: str = "input",
     ) -> None:
         """An input file (and its external data files): no output may be any of them."""
-        for p, label in ((Path(path), f"the {what} file"), *(
-            (Path(d), f"the {what}'s external data file") for d in data_files
-        )):  # fmt: skip
+        files = [(Path(path), f"the {what} file")]
+        files += [(Path(d), f"the {what}'s external data file") for d in data_files]
+        for p, label in files:
             ident = _identity(p)
             if ident is None:
                 continue

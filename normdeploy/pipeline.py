@@ -468,7 +468,8 @@ def _deploy_staged(
                 state["fold"] = _run_fold(exported.written)
             except VerificationFailed as exc:
                 if exc.result is not None:  # the failing folded graph, for keep_failed
-                    stage_onnx(exc.result.model, staged, external_data=False)  # type: ignore[attr-defined]
+                    failing = exc.result.model  # type: ignore[attr-defined]
+                    stage_onnx(failing, staged, external_data=needs_external_data(failing))
                 raise
             stage_onnx(
                 state["fold"].model,
@@ -487,6 +488,21 @@ def _deploy_staged(
         )
 
 
+def _names_outside_staging(result: DeployResult, final: Path) -> DeployResult:
+    """The parts named files in the staging directory (gone after the run): name the files a
+    reader can find, or say that the graph was not written."""
+    graph = str(result.model_file) if result.model_file else f"{final} (not written)"
+    # Results are falsy when they failed: test for None, not truth.
+    changes: dict[str, Any] = {}
+    if result.export is not None:
+        changes["export"] = dataclasses.replace(result.export, written=result.model_file)
+    if result.fold is not None:
+        changes["fold"] = dataclasses.replace(result.fold, source=f"{final} (before fold-bn)")
+    if result.verification is not None:
+        changes["verification"] = dataclasses.replace(result.verification, candidate=graph)
+    return dataclasses.replace(result, **changes)
+
+
 def _publish(
     result: DeployResult, plan: OutputPlan, tmp: Path, final: Path, keep_failed: bool
 ) -> DeployResult:
@@ -502,7 +518,7 @@ def _publish(
             files = restage_as(staged, target.name)
         plan.publish([(f, final.parent / f.name) for f in files])
         written = target
-    result = dataclasses.replace(result, model_file=written)
+    result = _names_outside_staging(dataclasses.replace(result, model_file=written), final)
     reports = []
     for name, fmt in ((JSON_FILE, "json"), (MD_FILE, "markdown")):
         (tmp / name).write_text(render(result, fmt), encoding="utf-8")

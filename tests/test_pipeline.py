@@ -134,6 +134,9 @@ def test_a_failing_deploy_writes_its_reports_and_no_model(tmp_path, monkeypatch,
     assert report["passed"] is False and report["verify"]["passed"] is False
     assert "— FAIL" in (out / "report.md").read_text()
     assert not (out / "model.onnx").exists()
+    # No report names a file of the (removed) staging directory.
+    assert report["export"]["written"] == report["model_file"]
+    assert ".normdeploy-tmp-" not in (out / "report.json").read_text()
     names = sorted(p.name for p in out.iterdir())
     if keep_failed:
         assert names == ["model.failed.onnx", "report.json", "report.md"]
@@ -146,6 +149,7 @@ def test_a_failing_deploy_writes_its_reports_and_no_model(tmp_path, monkeypatch,
 def test_a_passing_deploy_names_its_model_file(tmp_path):
     result = deploy("conv_bn_relu", tmp_path / "ok", providers="cpu")
     assert result and result.model_file == tmp_path / "ok" / "model.onnx"
+    assert result.export is not None and result.export.written == result.model_file
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
         "model.onnx", "report.json", "report.md",
     ]  # fmt: skip
