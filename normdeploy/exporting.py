@@ -749,6 +749,8 @@ def export_model(
     """Resolve a MODEL spec (reference name or ``package.module:factory``) and export it."""
     from normdeploy.modelspec import resolve_model
 
+    # The outputs first: building a model is work, and a bad -o should not wait for it.
+    _plan_export(path, options.get("overwrite", False), options.get("keep_failed", False))
     resolved = resolve_model(spec, weights=weights, input_shapes=input_shapes)
     options.setdefault("model_name", resolved.name)
     options.setdefault("source", resolved.source)

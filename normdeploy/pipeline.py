@@ -403,6 +403,8 @@ def deploy(
         raise OutputPathError(f"{out}: parent directory '{out.parent}' does not exist")
     batch_sizes = validate_batch_sizes(batch_sizes)  # bad arguments fail before any work
     choice = resolve_providers(providers)
+    if out.is_dir():  # files that exist can only be there already: check them before any work
+        _plan_deploy(out, overwrite, keep_failed)
     resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
     _check_feeds_fit(resolved.example_inputs, batch_sizes)
     created = not out.exists()

@@ -44,8 +44,8 @@ from torch.nn.parameter import is_lazy
 
 from normdeploy.errors import InvalidArgumentError, first_line, user_code
 from normdeploy.passes.fold_math import bn_scale_shift, fold_into_producer, output_channels
-from normdeploy.report import markdown_table, text_table
-from normdeploy.verification.compare import DEFAULT_POLICY
+from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.verification.compare import Tolerance, compare_arrays
 from normdeploy.verification.runners import flatten_outputs, to_numpy
 
 logger = logging.getLogger(__name__)
@@ -707,14 +707,31 @@ def _folded_copy_fault(
     if len(got) != len(expected):
         return f"the folded copy returns {len(got)} tensor(s), the model {len(expected)}"
     for i, (e, a) in enumerate(zip(expected, got, strict=True)):
-        comparison = DEFAULT_POLICY.compare(f"output {i}", to_numpy(e), to_numpy(a))
+        want = to_numpy(e)
+        eps = torch.finfo(e.dtype).eps if e.is_floating_point() else 0.0
+        tolerance = _fault_tolerance(want, eps)
+        comparison = compare_arrays(f"output {i}", want, to_numpy(a), tolerance)
         if not comparison.passed:
             return (
                 f"the folded copy differs from the model on example_inputs (output {i}: "
-                f"max |Δ| {comparison.max_abs}, atol {comparison.atol:g}, rtol "
-                f"{comparison.rtol:g})"
+                f"max |Δ| {fmt_num(comparison.max_abs)}, over {comparison.atol:.3g})"
             )
     return None
+
+
+def _fault_tolerance(expected: np.ndarray, eps: float) -> Tolerance:
+    """How far a folded output may be from the unfolded one before it is a fault, not rounding.
+
+    Folding is exact up to rounding, and that rounding is small relative to the output's scale
+    even where it exceeds an elementwise tolerance (a large mean subtracted, a tiny variance):
+    over 600 random Conv/ConvTranspose+BN cases, at most 3.3e-7 of max|output| in float32 and
+    7e-16 in float64. A fault (a BatchNorm the forward still needs) changes outputs by O(1) of
+    their scale. So: 1e-3 of the scale, or 10 machine epsilons (``eps``, of the output's torch
+    dtype) where that is coarser (float16, bfloat16).
+    """
+    finite = np.abs(expected[np.isfinite(expected)].astype(np.float64))
+    scale = float(finite.max()) if finite.size else 0.0
+    return Tolerance(max(1e-3, 10 * eps) * scale, 0.0)
 
 
 def _unseen_reason(path: str, untraceable: dict[str, str]) -> str:
