@@ -7,7 +7,10 @@ CLI spells those as its flags (:func:`normdeploy.cli._options.cli_words`).
 
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
+from collections.abc import Iterator
 
 
 class NormdeployError(Exception):
@@ -44,6 +47,16 @@ class InvalidModelError(UserError):
     """An ONNX model or its parameters are invalid (checker failure, NaN statistics, ...)."""
 
 
+class UserCodeError(UserError):
+    """User code (a MODEL's import, factory or forward) ended abnormally: ``sys.exit()``, or a
+    ``BaseException`` that is not an ``Exception``. Downstream handlers treat it like any error
+    the user's code raised."""
+
+
+class ResourceLimitError(UserError):
+    """An input would make normdeploy allocate more memory than its budget allows."""
+
+
 class ExportError(NormdeployError):
     """torch could not export the model; the message says which exporter and why."""
 
@@ -56,6 +69,46 @@ class VerificationFailed(NormdeployError):
     def __init__(self, message: str, result: object | None = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the signal arrived so that every ``with`` block and
+    ``finally`` unwinds (temp files and staging directories are removed) exactly as for Ctrl-C.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+def interrupt_exit_code(exc: KeyboardInterrupt) -> int:
+    """128 + the signal number: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + (exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+
+
+def describe_exit(exc: BaseException) -> str:
+    """How a ``BaseException`` that is not an ``Exception`` ended user code, in words."""
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({'' if exc.code is None else repr(exc.code)})"
+    text = str(exc).strip()
+    return f"raised {type(exc).__name__}" + (f": {text.splitlines()[0][:200]}" if text else "")
+
+
+@contextlib.contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run a MODEL's code (import, factory, forward). ``sys.exit()`` or another
+    ``BaseException`` that is not an ``Exception`` becomes :class:`UserCodeError`, so it never
+    ends the caller's process; Ctrl-C and the termination signals pass through unchanged."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt, GeneratorExit):
+        raise
+    except BaseException as exc:
+        raise UserCodeError(f"{what} {describe_exit(exc)}") from None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

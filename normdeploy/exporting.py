@@ -33,13 +33,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 
 from normdeploy import __version__, census
+from normdeploy.arguments import (
+    check_bool,
+    check_int,
+    example_inputs_arg,
+    module_arg,
+    optional_int,
+    optional_str,
+    path_arg,
+)
 from normdeploy.census.results import Census
-from normdeploy.errors import ExportError, InvalidArgumentError, first_line
-from normdeploy.io import PROTOBUF_LIMIT, check_output_path, save_onnx
+from normdeploy.errors import (
+    ExportError,
+    InvalidArgumentError,
+    UserCodeError,
+    first_line,
+    user_code,
+)
+from normdeploy.io import (
+    PROTOBUF_LIMIT,
+    OutputPlan,
+    data_file_for,
+    failed_file_for,
+    needs_external_data,
+    stage_onnx,
+    staging_dir,
+)
 from normdeploy.modes import TrainModeReport, training_report
 from normdeploy.onnx_graph import default_opset, graph_input_specs
 from normdeploy.report import fmt_num, markdown_table, text_table
@@ -53,7 +75,7 @@ from normdeploy.verification.compare import (
 )
 from normdeploy.verification.feeds import make_feeds
 from normdeploy.verification.results import worst
-from normdeploy.verification.runners import CPU, OrtRunner, module_outputs
+from normdeploy.verification.runners import CPU, OrtRunner, from_numpy, module_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -154,6 +176,9 @@ class ExportResult:
     external_data: bool
     timings: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    # The file written: ``path`` when the check passed, ``NAME.failed.onnx`` when it failed and
+    # keep_failed asked for it, None when nothing was written.
+    written: Path | None = None
 
     @property
     def passed(self) -> bool:
@@ -172,6 +197,7 @@ class ExportResult:
             "opset": self.opset,
             "dynamic_batch": self.dynamic_batch,
             "external_data": self.external_data,
+            "written": None if self.written is None else str(self.written),
             "passed": self.passed,
             "train_mode": self.train_mode.to_dict(),
             "batch_checks": [c.to_dict() for c in self.batch_checks],
@@ -206,11 +232,42 @@ class ExportResult:
 
     _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
 
+    def failure_line(self) -> str:
+        """One line for a failed export: the first failing check's cause and what was kept."""
+        culprit = worst([c for g in self.batch_checks for c in g.checks if not c.passed])
+        if culprit is not None:
+            comp = culprit.comparison
+            why = (
+                comp.detail
+                if comp.max_abs is None
+                else f"output '{comp.name}' differs from PyTorch eval by {fmt_num(comp.max_abs)}"
+                f" (atol={comp.atol:g}, rtol={comp.rtol:g})"
+            )
+        else:
+            why = "the census's numerical confirmation failed"
+        kept = (
+            f"kept as {self.written}"
+            if self.written is not None
+            else f"{self.path} not written (--keep-failed keeps it as NAME.failed.onnx)"
+        )
+        return f"FAIL: {why}; {kept}"
+
+    def _written_words(self) -> str:
+        if self.written is None:
+            return (
+                f"nothing: a check failed, so {self.path} was not written "
+                "(--keep-failed keeps the failing graph as NAME.failed.onnx)"
+            )
+        extra = " (+ external data)" if self.external_data else ""
+        if self.written != self.path:
+            return f"{self.written}{extra} (the failing graph, kept; {self.path} not written)"
+        return f"{self.written}{extra}"
+
     def _summary_pairs(self) -> list[tuple[str, str]]:
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
         return [
             ("model", f"{self.model_name} ({self.source})"),
-            ("written", f"{self.path}" + (" (+ external data)" if self.external_data else "")),
+            ("written", self._written_words()),
             ("exporter", f"{self.exporter}, opset {self.opset}"),
             ("batch axis", "dynamic" if self.dynamic_batch else "static"),
             ("mode", self.train_mode.summary()),
@@ -441,7 +498,6 @@ def _batch_checks(
     seed: int,
 ) -> tuple[BatchCheck, ...]:
     """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size."""
-    import torch
 
     specs = graph_input_specs(model)
     runner = OrtRunner(model, CPU)
@@ -455,7 +511,7 @@ def _batch_checks(
             failed = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
             groups.append(BatchCheck(batch, (failed,)))
             continue
-        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+        args = [from_numpy(v) for v in feeds.values()]
         try:
             torch_outputs = module_outputs(eval_module, args)
         except Exception as exc:
@@ -505,12 +561,18 @@ def _run_in_eval(module: torch.nn.Module, args: tuple[Any, ...], name: str) -> t
     """An eval-mode copy that has run once on ``args``: a model that fails there is bad input."""
     eval_module = copy.deepcopy(module).eval()
     try:
-        module_outputs(eval_module, args)
+        outputs = module_outputs(eval_module, args)
     except Exception as exc:
+        what = "" if isinstance(exc, UserCodeError) else f"{type(exc).__name__}: "
         raise InvalidArgumentError(
             f"{name}: the model fails in eval mode on example inputs of shape {_shapes(args)}: "
-            f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+            f"{what}{first_line(exc, 300, innermost=True)}"
         ) from None
+    if not outputs:
+        raise InvalidArgumentError(
+            f"{name}: the model returns no tensors on example inputs of shape {_shapes(args)} "
+            "(forward returned None or no tensor); an ONNX graph needs at least one output"
+        )
     return eval_module
 
 
@@ -525,7 +587,7 @@ def _run_exporter(
     """The exporter's graph, checked for the requested opset and a symbolic batch."""
     export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
     try:
-        with exporter_quiet(logger.isEnabledFor(logging.INFO)):
+        with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
             model = export_fn(eval_module, trace_args, opset, dynamic_batch)
     except ExportError:
         raise
@@ -563,22 +625,34 @@ def export(
     overwrite: bool = False,
     source: str | None = None,
     seed: int = 0,
+    keep_failed: bool = False,
 ) -> ExportResult:
     """Export ``module`` in eval mode to ``path``, check it in onnxruntime, and take its census.
 
     ``simplify=None`` runs onnxsim after the TorchScript exporter only. The result is falsy when
-    onnxruntime disagrees with PyTorch eval beyond the default tolerances.
+    onnxruntime disagrees with PyTorch eval beyond the default tolerances; then nothing is
+    written, or with ``keep_failed`` the graph is kept as ``NAME.failed.onnx``
+    (``ExportResult.written`` says which).
     """
     import torch
 
     exporter = exporter or DEFAULT_EXPORTER
     opset = DEFAULT_OPSET if opset is None else opset
+    module_arg(module)
+    plan = _plan_export(path, overwrite, keep_failed)
+    if example_inputs is None:
+        raise InvalidArgumentError("example_inputs: expected a tensor or a tuple of inputs")
+    example_inputs_arg(example_inputs)
+    optional_str(exporter, "exporter")
+    optional_int(opset, "opset")
+    check_bool(dynamic_batch, "dynamic_batch")
+    if simplify is not None:
+        check_bool(simplify, "simplify")
+    optional_str(model_name, "model_name")
+    optional_str(source, "source")
+    check_int(seed, "seed")
     _validate(exporter, opset)
-    out = check_output_path(path, overwrite=overwrite)
-    if not isinstance(module, torch.nn.Module):
-        raise InvalidArgumentError(
-            f"module: expected a torch.nn.Module, got {type(module).__name__}"
-        )
+    out = plan.files[0].path
     args = _example_args(example_inputs)
     name = model_name or type(module).__name__
     timings: dict[str, float] = {}
@@ -625,8 +699,15 @@ def export(
     timings["census"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    external = model.ByteSize() > PROTOBUF_LIMIT - 64 * 2**20
-    save_onnx(model, out, external_data=external)
+    external = needs_external_data(model)
+    passed = all(c.passed for c in checks) and taken.passed
+    written = out if passed else failed_file_for(out) if keep_failed else None
+    if written is not None:
+        with staging_dir(out.parent) as tmp:
+            files = stage_onnx(
+                model, tmp / written.name, external_data=external, target=written
+            )
+            plan.publish([(f, out.parent / f.name) for f in files])
     timings["save"] = time.perf_counter() - start
     return ExportResult(
         path=out,
@@ -642,7 +723,19 @@ def export(
         external_data=external,
         timings=timings,
         notes=tuple(notes),
+        written=written,
     )
+
+
+def _plan_export(path: object, overwrite: object, keep_failed: object) -> OutputPlan:
+    """Every file export may write, checked before any work: the model, its external data
+    (written only past 2 GB, planned always), and with ``keep_failed`` the failing graph."""
+    plan = OutputPlan(overwrite=check_bool(overwrite, "overwrite"))
+    out = plan.add_onnx(path_arg(path, "path"))
+    if check_bool(keep_failed, "keep_failed"):
+        failed = plan.add(failed_file_for(out), "failed graph")
+        plan.add(data_file_for(failed), "failed graph's external data")
+    return plan
 
 
 def export_model(
@@ -656,6 +749,8 @@ def export_model(
     """Resolve a MODEL spec (reference name or ``package.module:factory``) and export it."""
     from normdeploy.modelspec import resolve_model
 
+    # The outputs first: building a model is work, and a bad -o should not wait for it.
+    _plan_export(path, options.get("overwrite", False), options.get("keep_failed", False))
     resolved = resolve_model(spec, weights=weights, input_shapes=input_shapes)
     options.setdefault("model_name", resolved.name)
     options.setdefault("source", resolved.source)

@@ -1,13 +1,15 @@
-"""The file flow around a graph pass: load → pass → verify → stage → write.
+"""The file flow around a graph pass: plan → load → pass → stage → verify → write.
 
 :func:`run_pass` applies a pass to a model (or a file, in memory) and checks the result against
 the original on onnxruntime CPU with optimizations off; :func:`run_pass_on_file` does the same
-from file to file, staging the output beside its target and renaming it into place only when the
-check passed, so a failed check leaves no output behind. :func:`fold_bn` and :func:`fold_bn_file`
-are these with :class:`~normdeploy.passes.fold_bn.FoldBatchNorm`, followed (``merge=True``, the
-default) by :class:`~normdeploy.passes.merge_branches.MergeParallelBranches`; :func:`fuse_norms`
-and :func:`fuse_norms_file` with :class:`~normdeploy.passes.fuse_norms.FuseNorms`, whose
-per-norm confirmation runs here (:func:`confirm_outputs`).
+from file to file: every file it will write is planned and checked first
+(:class:`~normdeploy.io.OutputPlan`), the output is staged beside its target and published only
+when the check passed, so a failed check leaves no output behind (``keep_failed`` keeps it as
+``NAME.failed.onnx``). :func:`fold_bn` and :func:`fold_bn_file` are these with
+:class:`~normdeploy.passes.fold_bn.FoldBatchNorm`, followed (``merge=True``, the default) by
+:class:`~normdeploy.passes.merge_branches.MergeParallelBranches`; :func:`fuse_norms` and
+:func:`fuse_norms_file` with :class:`~normdeploy.passes.fuse_norms.FuseNorms`, whose per-norm
+confirmation runs here (:func:`confirm_outputs`).
 
 With ``opset``, the whole model is first converted to that opset
 (:mod:`normdeploy.passes.opset`) and the converted graph is proven to compute what the input
@@ -17,7 +19,6 @@ computes before the pass sees it; the final check is still against the input its
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,24 +26,42 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-from onnx import external_data_helper
 
+from normdeploy.arguments import check_bool, check_int, onnx_model_arg, path_arg
 from normdeploy.errors import (
     InvalidModelError,
-    OutputPathError,
+    NormdeployError,
     VerificationFailed,
     first_line,
 )
-from normdeploy.io import check_output_path, read_onnx, save_model_streaming, save_onnx
-from normdeploy.onnx_graph import default_opset
+from normdeploy.io import (
+    OutputPlan,
+    check_input_file,
+    data_file_for,
+    failed_file_for,
+    model_header,
+    read_onnx,
+    restage_as,
+    stage_onnx,
+    staging_dir,
+)
+from normdeploy.onnx_graph import default_opset, graph_input_specs
 from normdeploy.passes import FOLDED, KEPT, MERGED, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
 from normdeploy.passes.fuse_norms import Confirmation, FuseNorms
 from normdeploy.passes.merge_branches import FoldBatchNormAndMerge
 from normdeploy.passes.opset import CONVERTER, convert_opset
 from normdeploy.report import fmt_num, markdown_table, text_table
-from normdeploy.verification.compare import ArrayComparison, Check, compare_graphs
+from normdeploy.verification.compare import (
+    GRAPH_VS_ORIGINAL,
+    ArrayComparison,
+    Check,
+    compare_graphs,
+    failed_check,
+)
+from normdeploy.verification.feeds import make_feeds
 from normdeploy.verification.results import worst
+from normdeploy.verification.runners import CPU, OrtRunner, ort_message
 
 
 def _measured(comp: ArrayComparison) -> str:
@@ -139,8 +158,16 @@ class FoldResult:
 
     @property
     def verified(self) -> bool | None:
-        """True/False after a numerical check, None when it was not run."""
-        return None if self.verification is None else all(self.verification)
+        """True/False after a numerical check, None when none ran (``verify=False``, or
+        nothing changed so there was nothing to compare: :meth:`checked` says which)."""
+        if not self.verification:
+            return None
+        return all(self.verification)
+
+    @property
+    def checked(self) -> str:
+        """What the self-check compared, in words (the ``verification:`` line)."""
+        return self._verify_line()
 
     def __bool__(self) -> bool:
         return self.verified is not False
@@ -194,6 +221,7 @@ class FoldResult:
             "sums_kept": sum(not e.applied for e in self.sums),
             "ledger": [e.to_dict() for e in self.ledger],
             "verified": self.verified,
+            "checked": self.checked,
             "verification": None
             if self.verification is None
             else [c.to_dict() for c in self.verification],
@@ -270,6 +298,42 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _self_check(
+    original: onnx.ModelProto | Path | bytes,
+    rewritten: onnx.ModelProto | Path,
+    source: str,
+    pass_name: str,
+    seed: int,
+) -> tuple[Check, ...]:
+    """The rewritten graph against the original on onnxruntime CPU (optimizations off).
+
+    A graph onnxruntime cannot load or run is the input's fault when the original fails on its
+    own (a user error naming the input); when only the rewrite fails it is a failed check.
+    """
+    try:
+        return compare_graphs(original, rewritten, seed=seed)
+    except NormdeployError:
+        raise
+    except Exception as exc:
+        cause = exc
+    skip = f"{pass_name} cannot check its result on it (verify=False skips the check)"
+    try:
+        runner = OrtRunner(original, CPU).open(source)
+    except InvalidModelError as exc:
+        raise InvalidModelError(f"{exc}; {skip}") from None
+    try:
+        runner.infer(make_feeds(graph_input_specs(model_header(original)), 1, seed))
+    except NormdeployError:
+        raise
+    except Exception as exc:
+        raise InvalidModelError(
+            f"{source}: onnxruntime cannot run it: {ort_message(exc)}; {skip}"
+        ) from None
+    return (
+        failed_check(GRAPH_VS_ORIGINAL, CPU, "-", f"running the {pass_name} output", cause),
+    )
+
+
 def _convert(
     graph_pass: GraphPass,
     work: onnx.ModelProto,
@@ -329,20 +393,25 @@ def _convert(
 
 def run_pass(
     graph_pass: GraphPass,
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
     *,
     verify: bool = True,
     inplace: bool = False,
     seed: int = 0,
     opset: int | None = None,
 ) -> FoldResult:
-    """Apply ``graph_pass`` to a model or file (in memory); verify against the original.
+    """Apply ``graph_pass`` to a model, its bytes or a file (in memory); verify against the
+    original.
 
     A caller's ModelProto is copied first (one more copy of its weights) unless
     ``inplace=True``; a file is loaded and rewritten in memory. With ``opset``, the model is
     converted to that opset (and checked) first. Raises VerificationFailed when the result
     differs from the original beyond the output dtype's tolerance.
     """
+    model = onnx_model_arg(model, "model")
+    check_bool(verify, "verify")
+    check_bool(inplace, "inplace")
+    check_int(seed, "seed")
     timings: dict[str, float] = {}
     start = time.perf_counter()
     original: onnx.ModelProto | Path | bytes
@@ -367,42 +436,13 @@ def run_pass(
     if verify:
         start = time.perf_counter()
         changed = done.modified or conversion is not None
-        checks = compare_graphs(original, done.model, seed=seed) if changed else ()
+        checks = (
+            _self_check(original, done.model, source, graph_pass.name, seed) if changed else ()
+        )
         timings["verify"] = time.perf_counter() - start
     result = _result(graph_pass, done, source, checks, timings, conversion)
     _raise_if_failed(result, what)
     return result
-
-
-def _external_files(model: onnx.ModelProto, base: Path) -> set[Path]:
-    """The external data files an (unloaded) model refers to."""
-    files = set()
-    for tensor in external_data_helper._get_all_tensors(model):
-        if external_data_helper.uses_external_data(tensor):
-            info = external_data_helper.ExternalDataInfo(tensor)
-            files.add((base / info.location).resolve())
-    return files
-
-
-def _check_data_file(loaded_path: Path, out: Path) -> None:
-    # The header is small when the weights are external; it still names the data files.
-    header = onnx.load_model(str(loaded_path), load_external_data=False)
-    data_out = (out.parent / (out.name + ".data")).resolve()
-    if data_out in _external_files(header, loaded_path.parent):
-        raise OutputPathError(
-            f"{out}: its external data file '{data_out.name}' is the input's; "
-            "choose another output name"
-        )
-
-
-def _stage(model: onnx.ModelProto, staged: Path, external: bool, out: Path) -> None:
-    if external:
-        save_onnx(model, staged, external_data=True)
-        return
-    try:
-        save_model_streaming(model, staged)
-    except OSError as exc:
-        raise OutputPathError(f"{out}: cannot write ({exc.strerror or exc})") from None
 
 
 def run_pass_on_file(
@@ -414,20 +454,40 @@ def run_pass_on_file(
     verify: bool = True,
     seed: int = 0,
     opset: int | None = None,
+    keep_failed: bool = False,
 ) -> FoldResult:
-    """Apply ``graph_pass`` to a file and write the result to another. The output is staged
-    beside its target, verified against the input, and only then renamed into place. With
-    ``opset``, the model is converted to that opset (and checked) before the pass.
+    """Apply ``graph_pass`` to a file and write the result to another. Every file it may write
+    is checked before the input is read; the output is staged beside its target, verified
+    against the input, and only then published. With ``opset``, the model is converted to that
+    opset (and checked) before the pass.
 
-    Keeps external data when the input had it (``OUT.data`` beside ``OUT``). The returned
-    model is the new proto; after an external-data save its tensors point at that file.
+    Keeps external data when the input had it (``OUT.data`` beside ``OUT``). When the check
+    fails nothing is written, or with ``keep_failed`` the graph is kept as ``NAME.failed.onnx``
+    (then VerificationFailed names it). The returned model is the new proto; after an
+    external-data save its tensors point at that file.
     """
-    out = check_output_path(output_path, inputs=(input_path,), overwrite=overwrite)
+    for flag, name in (
+        (overwrite, "overwrite"),
+        (verify, "verify"),
+        (keep_failed, "keep_failed"),
+    ):
+        check_bool(flag, name)
+    check_int(seed, "seed")
+    plan = OutputPlan(overwrite=overwrite)
+    path_arg(output_path, "output_path")
+    src = check_input_file(path_arg(input_path, "input_path"), "ONNX")
+    plan.add_input(src)
+    out = plan.add(output_path)
+    failed = plan.add(failed_file_for(out), "failed graph") if keep_failed else None
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded = read_onnx(input_path)
-    if loaded.external_data:
-        _check_data_file(loaded.path, out)
+    loaded = read_onnx(src)
+    plan.add_input(loaded.path, loaded.data_files)
+    external = loaded.external_data
+    if external:
+        plan.add(data_file_for(out), "output's external data")
+        if failed is not None:
+            plan.add(data_file_for(failed), "failed graph's external data")
     source = str(loaded.path)
     timings["load"] = time.perf_counter() - start
     conversion = _convert(
@@ -439,22 +499,27 @@ def run_pass_on_file(
     timings[graph_pass.stage] = time.perf_counter() - start
     _raise_if_invalid(graph_pass, done, source)
     checks: tuple[Check, ...] | None = None
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
+    with staging_dir(out.parent) as tmp:
+        staged = tmp / out.name
         start = time.perf_counter()
-        _stage(done.model, staged, loaded.external_data, out)
+        written = stage_onnx(done.model, staged, external_data=external, target=out)
         timings["save"] = time.perf_counter() - start
         if verify:
             start = time.perf_counter()
             changed = done.modified or conversion is not None
-            checks = compare_graphs(loaded.path, staged, seed=seed) if changed else ()
+            checks = (
+                _self_check(loaded.path, staged, source, graph_pass.name, seed)
+                if changed
+                else ()
+            )
             timings["verify"] = time.perf_counter() - start
         result = _result(graph_pass, done, source, checks, timings, conversion)
+        if result.verified is False and failed is not None:
+            kept = restage_as(staged, failed.name)
+            plan.publish([(f, failed.parent / f.name) for f in kept])
+            _raise_if_failed(result, f"{out} not written; the graph is kept as {failed}")
         _raise_if_failed(result, f"{out} not written")
-        data = staged.parent / (out.name + ".data")
-        if data.exists():
-            os.replace(data, out.parent / data.name)
-        os.replace(staged, out)
+        plan.publish([(f, out.parent / f.name) for f in written])
     return result
 
 
@@ -463,14 +528,15 @@ def _fold_pass(merge: bool) -> GraphPass:
 
 
 def fold_bn(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
     *,
     verify: bool = True,
     inplace: bool = False,
     seed: int = 0,
     merge: bool = True,
 ) -> FoldResult:
-    """Fold BatchNormalization in a model or file; verify against the original by default.
+    """Fold BatchNormalization in a model, its bytes or a file; verify against the original by
+    default.
 
     With ``merge`` (the default) summed parallel branches on the same input are then merged
     into one Conv (RepVGG-style blocks: their identity BatchNorms go too). See
@@ -488,16 +554,13 @@ def fold_bn_file(
     verify: bool = True,
     seed: int = 0,
     merge: bool = True,
+    keep_failed: bool = False,
 ) -> FoldResult:
     """Fold a file into another (see :func:`run_pass_on_file` and :func:`fold_bn`)."""
     return run_pass_on_file(
-        _fold_pass(merge),
-        input_path,
-        output_path,
-        overwrite=overwrite,
-        verify=verify,
-        seed=seed,
-    )
+        _fold_pass(merge), input_path, output_path, overwrite=overwrite, verify=verify,
+        seed=seed, keep_failed=keep_failed,
+    )  # fmt: skip
 
 
 def confirm_outputs(
@@ -533,7 +596,7 @@ def _fuse_pass(verify: bool, seed: int) -> FuseNorms:
 
 
 def fuse_norms(
-    model: onnx.ModelProto | str | os.PathLike[str],
+    model: onnx.ModelProto | bytes | str | os.PathLike[str],
     *,
     opset: int | None = None,
     verify: bool = True,
@@ -562,10 +625,11 @@ def fuse_norms_file(
     overwrite: bool = False,
     verify: bool = True,
     seed: int = 0,
+    keep_failed: bool = False,
 ) -> FoldResult:
     """Fuse the norms of a file into another (see :func:`fuse_norms`, :func:`run_pass_on_file`);
     a file with nothing to fuse is written as it was."""
     return run_pass_on_file(
         _fuse_pass(verify, seed), input_path, output_path,
-        overwrite=overwrite, verify=verify, seed=seed, opset=opset,
+        overwrite=overwrite, verify=verify, seed=seed, opset=opset, keep_failed=keep_failed,
     )  # fmt: skip

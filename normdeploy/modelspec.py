@@ -25,7 +25,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
+from normdeploy.errors import (
+    InvalidArgumentError,
+    ModelSpecError,
+    ResourceLimitError,
+    UserCodeError,
+    WeightsError,
+    first_line,
+    user_code,
+)
 from normdeploy.io import check_input_file
 
 if TYPE_CHECKING:
@@ -56,6 +64,17 @@ def parse_shape(text: str) -> tuple[int, ...]:
     if not dims or any(d <= 0 for d in dims):
         raise InvalidArgumentError(f"input_shapes: '{text}' must have positive dims")
     return dims
+
+
+def check_input_shapes_fit(input_shapes: Sequence[Sequence[int]]) -> None:
+    """Refuse example inputs (float32) over the memory budget before they are allocated."""
+    from normdeploy.budget import array_bytes, check_allocation
+
+    shapes = [tuple(int(d) for d in s) for s in input_shapes]
+    check_allocation(
+        f"input_shapes: {', '.join('x'.join(map(str, s)) for s in shapes)} (float32)",
+        sum(array_bytes(s, "float32") for s in shapes),
+    )
 
 
 # The reference models' module name: private, so it neither shadows nor is shadowed by a
@@ -122,7 +141,10 @@ def _call_factory(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
 def _import_and_call(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
     mod_name, _, attr_path = spec.partition(":")
     try:
-        mod = importlib.import_module(mod_name)
+        with user_code(f"MODEL '{spec}': importing '{mod_name}'"):
+            mod = importlib.import_module(mod_name)
+    except UserCodeError:
+        raise
     except ImportError as exc:
         raise ModelSpecError(
             f"MODEL '{spec}': cannot import module '{mod_name}': {exc}"
@@ -141,7 +163,10 @@ def _import_and_call(spec: str) -> tuple[Any, tuple[Any, ...] | None]:
     if not callable(obj):
         raise ModelSpecError(f"MODEL '{spec}': '{attr_path}' is not callable")
     try:
-        made = obj()
+        with user_code(f"MODEL '{spec}': factory"):
+            made = obj()
+    except UserCodeError:
+        raise
     except Exception as exc:
         raise ModelSpecError(
             f"MODEL '{spec}': factory raised {type(exc).__name__}: {exc}"
@@ -188,13 +213,33 @@ def load_weights(module: torch.nn.Module, weights: str | os.PathLike[str]) -> No
         if unexpected:
             parts.append(f"unexpected {len(unexpected)} key(s) e.g. '{unexpected[0]}'")
         raise WeightsError(f"{p}: weights do not match the model: {'; '.join(parts)}")
+    _check_weight_values(p, state)
     for k, v in state.items():
         if hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape):
             raise WeightsError(
                 f"{p}: weight '{k}' has shape {tuple(v.shape)}, model expects "
                 f"{tuple(own[k].shape)}"
             )
-    module.load_state_dict(state, strict=True)
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise WeightsError(f"{p}: cannot load into the model: {first_line(exc)}") from None
+
+
+def _check_weight_values(p: Path, state: dict[str, Any]) -> None:
+    """Every value a dense tensor with data: not a number, None, a meta or a sparse tensor."""
+    import torch
+
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{p}: weight '{key}' is {type(value).__name__}, not a tensor")
+        if value.is_meta:
+            raise WeightsError(f"{p}: weight '{key}' is a meta tensor (shape only, no data)")
+        if value.layout != torch.strided:
+            raise WeightsError(
+                f"{p}: weight '{key}' is a {str(value.layout).removeprefix('torch.')} tensor; "
+                "weights must be dense"
+            )
 
 
 def resolve_model(
@@ -229,8 +274,14 @@ def resolve_model(
     if weights is not None:
         load_weights(module, weights)
     if input_shapes:
+        check_input_shapes_fit(input_shapes)
         g = torch.Generator().manual_seed(0)
-        inputs = tuple(torch.randn(tuple(s), generator=g) for s in input_shapes)
+        try:
+            inputs = tuple(torch.randn(tuple(s), generator=g) for s in input_shapes)
+        except (RuntimeError, MemoryError) as exc:  # over a budget raised by the user
+            raise ResourceLimitError(
+                f"input_shapes: cannot allocate the example inputs ({first_line(exc, 160)})"
+            ) from None
     if inputs is None:
         raise ModelSpecError(
             f"MODEL '{spec}': factory gave no example inputs; give input_shapes=1x3x224x224 (the shape of each input)"

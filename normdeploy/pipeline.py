@@ -3,15 +3,19 @@ person reads. fuse-norms runs when the census found decomposed LayerNorm/RMSNorm
 changes the export's opset (the advice says which opset gives the native op).
 
 For each model it writes ``model.onnx`` (the folded, verified graph), ``report.json`` and
-``report.md`` into its output directory. One failing model does not stop the others; the summary
-says which failed and at which stage.
+``report.md`` into its output directory. A MODEL that cannot be resolved is bad input: nothing is
+written. Every other failure is recorded: the reports (the diagnosis) are written, the model only
+when it passed (``keep_failed`` keeps a failing graph as ``model.failed.onnx``). All files are
+planned and checked before any work and staged in one directory that is removed however the run
+ends. One failing model does not stop the others; the summary says which failed and at which
+stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -19,6 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from normdeploy.arguments import (
+    batch_sizes_arg,
+    check_bool,
+    check_str,
+    optional_int,
+    optional_path,
+    optional_str,
+    path_arg,
+    providers_arg,
+    shapes_arg,
+)
 from normdeploy.census.patterns import (
     DECOMPOSED_LAYERNORM,
     DECOMPOSED_RMSNORM,
@@ -27,8 +42,25 @@ from normdeploy.census.patterns import (
     NATIVE_FOR,
 )
 from normdeploy.census.results import Lint, lint_groups, lint_line
-from normdeploy.errors import NormdeployError, OutputPathError
-from normdeploy.io import check_output_path, save_onnx, write_text_atomic
+from normdeploy.errors import (
+    InvalidArgumentError,
+    ModelSpecError,
+    NormdeployError,
+    OutputPathError,
+    UserCodeError,
+    VerificationFailed,
+    WeightsError,
+)
+from normdeploy.io import (
+    OutputPlan,
+    data_file_for,
+    failed_file_for,
+    needs_external_data,
+    restage_as,
+    stage_onnx,
+    staging_dir,
+    write_text_atomic,
+)
 from normdeploy.progress import Progress
 from normdeploy.report import fmt_num, markdown_table, name_list, render, text_table
 from normdeploy.verification.runners import provider_alias
@@ -57,6 +89,9 @@ class DeployResult:
     timings: dict[str, float] = field(default_factory=dict)
     failed_stage: str | None = None
     error: str | None = None
+    # The graph written: DIR/model.onnx when it passed, DIR/model.failed.onnx when it failed and
+    # keep_failed asked for it, None when no graph was written.
+    model_file: Path | None = None
 
     @property
     def passed(self) -> bool:
@@ -250,6 +285,7 @@ class DeployResult:
             "passed": self.passed,
             "failed_stage": self.failed_stage,
             "error": self.error,
+            "model_file": None if self.model_file is None else str(self.model_file),
             "norm_representations": {
                 k: dict(v) for k, v in self.norm_representations().items()
             },
@@ -385,6 +421,51 @@ def _run_verify(
     return verify(module, model_path, providers=providers, batch_sizes=tuple(batch_sizes))
 
 
+def _check_feeds_fit(examples: Sequence[Any], batch_sizes: Sequence[int]) -> None:
+    """Refuse, before any work, batch sizes whose inputs could not be allocated for verify."""
+    from normdeploy.budget import check_allocation, generation_bytes
+
+    shapes = [tuple(x.shape) for x in examples if hasattr(x, "shape") and len(x.shape)]
+    if shapes:
+        biggest = max(batch_sizes)
+        need = sum(generation_bytes((biggest, *s[1:]), "float32") for s in shapes)
+        check_allocation(
+            f"verify inputs at batch size {biggest} ({', '.join(str(list(s[1:])) for s in shapes)}"
+            " per sample)",
+            need,
+        )
+
+
+def _plan_deploy(out: Path, overwrite: bool, keep_failed: bool) -> OutputPlan:
+    """Every file deploy may write into ``out``, checked before any work."""
+    plan = OutputPlan(overwrite=overwrite)
+    plan.add_onnx(out / MODEL_FILE)
+    if keep_failed:
+        plan.add_onnx(failed_file_for(out / MODEL_FILE), "failed graph")
+    for name in (JSON_FILE, MD_FILE):
+        plan.add(out / name, "report")
+    return plan
+
+
+def _deploy_args(model: object, out_dir: object, options: dict[str, Any]) -> Path:
+    check_str(model, "model")
+    out = path_arg(out_dir, "out_dir")
+    providers_arg(options["providers"])
+    optional_int(options["opset"], "opset")
+    optional_str(options["exporter"], "exporter")
+    batch_sizes_arg(options["batch_sizes"])
+    optional_path(options["weights"], "weights")
+    shapes_arg(options["input_shapes"])
+    check_bool(options["overwrite"], "overwrite")
+    check_bool(options["keep_failed"], "keep_failed")
+    if options["progress"] is not None and not isinstance(options["progress"], Progress):
+        raise InvalidArgumentError(
+            f"progress: expected a normdeploy.progress.Progress, got "
+            f"{type(options['progress']).__name__}"
+        )
+    return out
+
+
 def deploy(
     model: str,
     out_dir: str | os.PathLike[str],
@@ -398,6 +479,7 @@ def deploy(
     overwrite: bool = False,
     progress: Progress | None = None,
     merge: bool = True,
+    keep_failed: bool = False,
 ) -> DeployResult:
     """Export MODEL, fold its BatchNorms, verify the result, and write model + reports to out_dir.
 
@@ -405,76 +487,151 @@ def deploy(
     blocks) into one Conv; ``merge=False`` keeps them.
 
     Stage failures are recorded in the result (and its reports), not raised, so callers can go on
-    with other models; user errors about ``out_dir`` itself are raised.
+    with other models; bad input (a MODEL that cannot be resolved, its weights, ``out_dir``
+    itself, arguments) is raised before anything is written.
     """
     from normdeploy.exporting import export
     from normdeploy.modelspec import resolve_model
     from normdeploy.verification.feeds import validate_batch_sizes
     from normdeploy.verification.runners import resolve_providers
 
+    out = _deploy_args(model, out_dir, dict(locals()))
     progress = progress or Progress(enabled=False)
-    out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise OutputPathError(f"{out}: output directory is a file")
     if not out.parent.exists():
         raise OutputPathError(f"{out}: parent directory '{out.parent}' does not exist")
     batch_sizes = validate_batch_sizes(batch_sizes)  # bad arguments fail before any work
     choice = resolve_providers(providers)
-    for note in choice.notes:
-        progress.note_once(note)  # once per run, however many models deploy_many deploys
+    if out.is_dir():  # files that exist can only be there already: check them before any work
+        _plan_deploy(out, overwrite, keep_failed)
+    resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
+    _check_feeds_fit(resolved.example_inputs, batch_sizes)
+    created = not out.exists()
     out.mkdir(exist_ok=True)
-    final = check_output_path(out / MODEL_FILE, overwrite=overwrite)
-    for name in (JSON_FILE, MD_FILE):
-        check_output_path(out / name, overwrite=overwrite)
+    try:
+        plan = _plan_deploy(out, overwrite, keep_failed)
+        for note in choice.notes:
+            progress.note_once(note)  # once per run, however many models deploy_many deploys
+        final = out / MODEL_FILE
+        with staging_dir(out) as tmp:
+            result = _deploy_staged(
+                resolved, tmp, final, export, progress, choice.providers, batch_sizes,
+                {"opset": opset, "exporter": exporter}, merge,
+            )  # fmt: skip
+            result = _publish(result, plan, tmp, final, keep_failed)
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only if this run made it and nothing landed in it
+        raise
+    return result
 
+
+def _deploy_staged(
+    resolved: Any,
+    tmp: Path,
+    final: Path,
+    export: Any,
+    progress: Progress,
+    providers: Sequence[str],
+    batch_sizes: Sequence[int],
+    export_options: dict[str, Any],
+    merge: bool,
+) -> DeployResult:
+    """Export → fold-bn → fuse-norms (when the census found decomposed norms) → verify inside
+    the staging directory ``tmp``; the graph to publish is ``tmp/model.onnx`` (staged whatever
+    the verdict, for keep_failed)."""
+    out, model_name = final.parent, resolved.name
     timings: dict[str, float] = {}
     state: dict[str, Any] = {}
     stage = "export"
-    resolved = None
+    staged = tmp / final.name
     try:
-        with tempfile.TemporaryDirectory(prefix=".deploy-", dir=out) as tmp:
-            with progress.stage(model, "export", timings):
-                resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
-                exported = export(
-                    resolved.module,
-                    resolved.example_inputs,
-                    Path(tmp) / "exported.onnx",
-                    opset=opset,
-                    exporter=exporter,
-                    model_name=resolved.name,
-                    source=resolved.source,
-                )
-                # The exported graph lives in a temp dir; the report names the final file.
-                state["export"] = dataclasses.replace(
-                    exported,
-                    path=final,
-                    census=dataclasses.replace(
-                        exported.census, source=f"{final} (before fold-bn)"
-                    ),
-                )
-            stage = "fold-bn"
-            with progress.stage(model, "fold-bn", timings):
-                state["fold"] = _run_fold(Path(tmp) / "exported.onnx", merge)
-            last = state["fold"]
+        with progress.stage(model_name, "export", timings):
+            exported = export(
+                resolved.module,
+                resolved.example_inputs,
+                tmp / "exported.onnx",
+                model_name=resolved.name,
+                source=resolved.source,
+                keep_failed=True,  # a failing export still gets folded and verified: diagnosis
+                **export_options,
+            )
+            # The exported graph lives in the staging dir; the report names the final file.
+            state["export"] = dataclasses.replace(
+                exported,
+                path=final,
+                census=dataclasses.replace(
+                    exported.census, source=f"{final} (before fold-bn)"
+                ),
+            )
+        stage = "fold-bn"
+        try:
+            with progress.stage(model_name, "fold-bn", timings):
+                state["fold"] = last = _run_fold(exported.written, merge)
             if set(_DECOMPOSED.values()) & set(exported.census.op_counts):
                 stage = "fuse-norms"
-                with progress.stage(model, "fuse-norms", timings):
-                    state["fuse"] = last = _run_fuse(state["fold"])
-            save_onnx(last.model, final, external_data=None)
-            stage = "verify"
-            with progress.stage(model, "verify", timings):
-                state["verification"] = _run_verify(
-                    resolved.module, final, list(choice.providers), batch_sizes
-                )
-        result = DeployResult(model, out, timings=timings, **state)
+                with progress.stage(model_name, "fuse-norms", timings):
+                    state["fuse"] = last = _run_fuse(last)
+        except VerificationFailed as exc:
+            if exc.result is not None:  # the failing rewritten graph, for keep_failed
+                failing = exc.result.model  # type: ignore[attr-defined]
+                stage_onnx(failing, staged, external_data=needs_external_data(failing))
+            raise
+        stage_onnx(last.model, staged, external_data=needs_external_data(last.model))
+        stage = "verify"
+        with progress.stage(model_name, "verify", timings):
+            state["verification"] = _run_verify(
+                resolved.module, staged, list(providers), batch_sizes
+            )
+        return DeployResult(model_name, out, timings=timings, **state)
     except NormdeployError as exc:
-        result = DeployResult(
-            model, out, timings=timings, failed_stage=stage, error=str(exc), **state
+        return DeployResult(
+            model_name, out, timings=timings, failed_stage=stage, error=str(exc), **state
         )
-        if stage != "verify" and final.exists() and "fold" not in state:
-            final.unlink()
-    write_text_atomic(out / JSON_FILE, render(result, "json"))
-    write_text_atomic(out / MD_FILE, render(result, "markdown"))
+
+
+def _names_outside_staging(result: DeployResult, final: Path) -> DeployResult:
+    """The parts named files in the staging directory (gone after the run): name the files a
+    reader can find, or say that the graph was not written."""
+    graph = str(result.model_file) if result.model_file else f"{final} (not written)"
+    # Results are falsy when they failed: test for None, not truth.
+    changes: dict[str, Any] = {}
+    if result.export is not None:
+        changes["export"] = dataclasses.replace(result.export, written=result.model_file)
+    if result.fold is not None:
+        changes["fold"] = dataclasses.replace(result.fold, source=f"{final} (before fold-bn)")
+    if result.fuse is not None:
+        changes["fuse"] = dataclasses.replace(
+            result.fuse, source=f"{final} (before fuse-norms)"
+        )
+    if result.verification is not None:
+        changes["verification"] = dataclasses.replace(result.verification, candidate=graph)
+    return dataclasses.replace(result, **changes)
+
+
+def _publish(
+    result: DeployResult, plan: OutputPlan, tmp: Path, final: Path, keep_failed: bool
+) -> DeployResult:
+    """Publish the graph (when it passed, or as model.failed.onnx with keep_failed), then the
+    reports, which are written whatever the verdict: they are the diagnosis."""
+    staged = tmp / final.name
+    written: Path | None = None
+    if staged.exists() and (result.passed or keep_failed):
+        target = final if result.passed else failed_file_for(final)
+        if result.passed:
+            files = [f for f in (data_file_for(staged), staged) if f.exists()]
+        else:
+            files = restage_as(staged, target.name)
+        plan.publish([(f, final.parent / f.name) for f in files])
+        written = target
+    result = _names_outside_staging(dataclasses.replace(result, model_file=written), final)
+    reports = []
+    for name, fmt in ((JSON_FILE, "json"), (MD_FILE, "markdown")):
+        (tmp / name).write_text(render(result, fmt), encoding="utf-8")
+        reports.append((tmp / name, final.parent / name))
+    plan.publish(reports)
     return result
 
 
@@ -493,13 +650,32 @@ def deploy_many(
         raise OutputPathError(f"{out}: parent directory '{out.parent}' does not exist")
     out.mkdir(exist_ok=True)
     progress = progress or Progress(enabled=False)
+    overwrite = bool(options.get("overwrite", False))
+    plan = OutputPlan(overwrite=overwrite)  # the summaries, checked before the first model
+    for name in ("summary.json", "summary.md"):
+        plan.add(out / name, "summary")
+    for name in models:  # and every model's files, where a folder of that name exists
+        if (out / name).is_dir():
+            _plan_deploy(out / name, overwrite, bool(options.get("keep_failed", False)))
     results = []
     start = time.perf_counter()
     for i, name in enumerate(models, 1):
         progress.note(f"[{i}/{len(models)}] {name}")
-        results.append(deploy(name, out / name, progress=progress, **options))
+        try:
+            results.append(deploy(name, out / name, progress=progress, **options))
+        except (ModelSpecError, WeightsError, UserCodeError) as exc:
+            # One model that cannot be built does not stop the others: its report says why.
+            failed = DeployResult(name, out / name, failed_stage="export", error=str(exc))
+            (out / name).mkdir(exist_ok=True)
+            write_text_atomic(
+                out / name / JSON_FILE, render(failed, "json"), overwrite=overwrite
+            )
+            write_text_atomic(
+                out / name / MD_FILE, render(failed, "markdown"), overwrite=overwrite
+            )
+            results.append(failed)
     summary = DeploySummary(tuple(results), out)
-    write_text_atomic(out / "summary.json", render(summary, "json"))
-    write_text_atomic(out / "summary.md", render(summary, "markdown"))
+    write_text_atomic(out / "summary.json", render(summary, "json"), overwrite=overwrite)
+    write_text_atomic(out / "summary.md", render(summary, "markdown"), overwrite=overwrite)
     progress.note(f"{len(models)} model(s) in {time.perf_counter() - start:.0f} s")
     return summary

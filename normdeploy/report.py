@@ -116,10 +116,13 @@ def format_for_path(path: str | os.PathLike[str]) -> str:
     return "text"
 
 
-def write_report(result: Renderable, path: str | os.PathLike[str]) -> Path:
-    """Write ``result`` atomically in the format the file name asks for."""
+def write_report(
+    result: Renderable, path: str | os.PathLike[str], *, overwrite: bool = False
+) -> Path:
+    """Write ``result`` atomically in the format the file name asks for; an existing file is
+    replaced only with ``overwrite`` (see :class:`normdeploy.io.OutputPlan`)."""
     from normdeploy.io import write_text_atomic
 
-    p = Path(path)
-    write_text_atomic(p, render(result, format_for_path(p)))
-    return p
+    return write_text_atomic(
+        path, render(result, format_for_path(path)), overwrite=overwrite, what="report"
+    )

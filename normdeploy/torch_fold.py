@@ -24,6 +24,13 @@ Then (``merge=True``, the default) summed parallel conv branches on the same inp
 ``conv3x3(x) + conv1x1(x) + bn(x)`` — are merged into one conv by :mod:`normdeploy.torch_merge`;
 the module whose forward does the sum becomes a ``torch.fx.GraphModule`` (the root itself when
 the sum is in the root's forward), and its identity BatchNorms are ledgered as merged.
+
+Only a BatchNorm whose every use is the plain call folds: the forward code (traced, or run on the
+example inputs) is watched for any other read of the BatchNorm (``self.bn.running_mean``,
+``self.bn.eps``, ``isinstance(self.bn, …)``) or of the module it folds into's weight and bias,
+since the folded copy has neither; such a BatchNorm is kept with the reason. With example inputs
+the folded (and merged) copy is finally run against the unfolded eval copy, and a copy that fails
+or differs is never returned: every fold and merge is undone and the ledger says why.
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import sys
+import sysconfig
 from collections import Counter, defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
@@ -43,7 +53,7 @@ from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
-from normdeploy.errors import InvalidArgumentError
+from normdeploy.errors import InvalidArgumentError, first_line, user_code
 from normdeploy.passes.axis_map import ShapeStep, trace_back, trace_forward
 from normdeploy.passes.fold_math import (
     bn_scale_shift,
@@ -52,7 +62,9 @@ from normdeploy.passes.fold_math import (
     scale_conv_input_channels,
     scale_gemm_input_features,
 )
-from normdeploy.report import markdown_table, text_table
+from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.verification.compare import Tolerance, compare_arrays
+from normdeploy.verification.runners import flatten_outputs, to_numpy
 
 if TYPE_CHECKING:
     from normdeploy.torch_merge import BranchMergeEntry
@@ -357,6 +369,17 @@ def fold_bn_module(
     return fold_bn_module_with_ledger(module, example_inputs, merge=merge).module
 
 
+def _example_inputs(value: Any) -> Any:
+    """``example_inputs`` as given (a tensor or a tuple/list of inputs), or a typed error."""
+    if value is None or isinstance(value, (torch.Tensor, tuple)):
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    raise InvalidArgumentError(
+        f"example_inputs: expected a tensor or a tuple of inputs, got {type(value).__name__}"
+    )
+
+
 def _deep_copy(module: nn.Module) -> nn.Module:
     if not isinstance(module, nn.Module):
         raise InvalidArgumentError(
@@ -382,6 +405,7 @@ class _FoldContext:
     example_inputs: Any
     bn_training: dict[int, bool]  # mode as handed over, by module id
     trace_error: str | None
+    attribute_reads: dict[int, set[str]] = field(default_factory=dict)  # see _AttributeWatch
 
 
 @dataclass(frozen=True)
@@ -402,6 +426,8 @@ def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, 
     """The ledger entry of the BatchNorm called at ``node``, and the fold to apply (if any)."""
     bn_path = prefix + str(node.target)
     bn = cast(_BatchNorm, ctx.work.get_submodule(bn_path))
+    if (reason := _other_use_reason(ctx, prefix, node, bn)) is not None:
+        return BnFoldEntry(bn_path, type(bn).__name__, reason=reason), None
     fold = None
     try:
         _check_bn(ctx, bn, node)
@@ -417,6 +443,12 @@ def _judge(ctx: _FoldContext, prefix: str, node: fx.Node) -> tuple[BnFoldEntry, 
     except _Skip as why:
         return BnFoldEntry(bn_path, type(bn).__name__, reason=str(why)), None
     target = ctx.work.get_submodule(fold.target_path)
+    if read := ctx.attribute_reads.get(id(target)):
+        reason = (
+            f"forward reads {type(target).__name__} '{fold.target_path}''s "
+            f"{', '.join(sorted(read))} besides calling it (folding changes them)"
+        )
+        return BnFoldEntry(bn_path, type(bn).__name__, reason=reason), None
     notes = []
     if fold.chain:
         notes.append("through " + ", ".join(fold.chain))
@@ -445,17 +477,20 @@ def fold_bn_module_with_ledger(
     With ``merge`` (the default), summed parallel conv branches are then merged into one conv
     (:mod:`normdeploy.torch_merge`); the result may then be a ``torch.fx.GraphModule``.
     """
+    example_inputs = _example_inputs(example_inputs)
     work = _deep_copy(module)
     # Mode as handed over. The result always has eval semantics (running statistics), which
     # is what deployment needs; the ledger says which BatchNorms arrived in train mode.
     bn_training = {id(m): m.training for m in work.modules() if _is_batch_norm(m)}
     work.eval()
-    graphs, untraceable = _trace_tree(work)
-    ranks, shape_error = _bn_input_ranks(work, example_inputs)
+    watch = _AttributeWatch(work)
+    with watch.active():
+        graphs, untraceable = _trace_tree(work)
+        ranks, shape_error, expected = _bn_input_ranks(work, example_inputs)
     shapes = {} if shape_error else _node_shapes(work, graphs, example_inputs)
     ctx = _FoldContext(
         work, _Usage.collect(work, graphs), ranks, shapes, example_inputs, bn_training,
-        untraceable.get(""),
+        untraceable.get(""), watch.reads,
     )  # fmt: skip
 
     entries: dict[int, BnFoldEntry] = {}
@@ -477,17 +512,31 @@ def fold_bn_module_with_ledger(
             if fold is not None:
                 folds.append(fold)
 
-    for fold in folds:
-        _apply_fold(work, fold)
     for path, mod in work.named_modules():
         if _is_batch_norm(mod) and id(mod) not in entries:
             entries[id(mod)] = BnFoldEntry(
                 path, type(mod).__name__, reason=_unseen_reason(path, untraceable)
             )
-
+    pristine = copy.deepcopy(work) if expected is not None else None
+    for fold in folds:
+        _apply_fold(work, fold)
     merges: tuple[BranchMergeEntry, ...] = ()
     if merge:
         work, merges = _merge(work, entries, ranks)
+    changed = bool(folds) or any(m.merged for m in merges)
+    if (
+        changed
+        and pristine is not None
+        and expected is not None
+        and (why := _folded_copy_fault(work, example_inputs, expected)) is not None
+    ):
+        work, merges = pristine, ()  # never return a module that fails or differs: undo all
+        entries = {
+            key: BnFoldEntry(e.batch_norm, e.bn_type, reason=f"{why}; every fold undone")
+            if e.folded or e.merged
+            else e
+            for key, e in entries.items()
+        }
     ledger = tuple(entries.values())
     for e in ledger:
         logger.debug("%s: %s", e.batch_norm, e.reason)
@@ -538,7 +587,8 @@ def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, 
 
     def visit(mod: nn.Module, path: str) -> None:
         try:
-            graph = fx.Tracer().trace(mod)
+            with user_code("the model's forward"):
+                graph = fx.Tracer().trace(mod)
         except Exception as exc:  # any failure means "not provable here"; look inside
             untraceable[path] = (
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -557,10 +607,11 @@ def _trace_tree(root: nn.Module) -> tuple[list[tuple[str, fx.Graph]], dict[str, 
 
 def _bn_input_ranks(
     root: nn.Module, example_inputs: Any
-) -> tuple[dict[int, set[int]], str | None]:
-    """Ranks of the tensors each BatchNorm receives when the eval copy runs the example inputs."""
+) -> tuple[dict[int, set[int]], str | None, list[torch.Tensor] | None]:
+    """Ranks of the tensors each BatchNorm receives when the eval copy runs the example inputs,
+    and the copy's outputs there (what the folded copy must reproduce)."""
     if example_inputs is None:
-        return {}, None
+        return {}, None, None
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     ranks: dict[int, set[int]] = defaultdict(set)
 
@@ -572,15 +623,15 @@ def _bn_input_ranks(
         m.register_forward_pre_hook(record) for m in root.modules() if _is_batch_norm(m)
     ]
     try:
-        with torch.no_grad():
-            root(*args)
+        with torch.no_grad(), user_code("the model's forward"):
+            outputs = flatten_outputs(root(*args))
     except Exception as exc:
         logger.warning("example inputs did not run through the module: %s", exc)
-        return {}, f"{type(exc).__name__}: {exc}"
+        return {}, f"{type(exc).__name__}: {exc}", None
     finally:
         for h in handles:
             h.remove()
-    return dict(ranks), None
+    return dict(ranks), None, [t.detach().clone() for t in outputs]
 
 
 class _ShapeRecorder(fx.Interpreter):
@@ -1004,3 +1055,131 @@ def _unseen_reason(path: str, untraceable: dict[str, str]) -> str:
         label = f"'{owner}'" if owner else "the module"
         return f"forward of {label} is not traceable by torch.fx ({untraceable[owner]})"
     return "not called in forward"
+
+
+# Code that is not the model's own: reads from here are torch's machinery, the tracer, or ours.
+_LIBRARY_DIRS = (
+    *(
+        os.path.join(os.path.dirname(os.path.abspath(f)), "")
+        for f in (torch.__file__, __file__)
+    ),
+    os.path.join(sysconfig.get_paths()["stdlib"], ""),
+)
+_PRODUCER_STATE = frozenset(("weight", "bias", "_parameters"))
+
+
+def _is_library_code(filename: str) -> bool:
+    return filename.startswith("<") or filename.startswith(_LIBRARY_DIRS)
+
+
+class _AttributeWatch:
+    """Which BatchNorms (any attribute) and producers (weight/bias) the model's own code reads
+    other than by calling them, while tracing and running the forward.
+
+    Each watched instance gets, for the duration of :meth:`active`, a subclass of its own class
+    whose ``__getattribute__`` notes reads made from frames outside torch, the standard library
+    and normdeploy. Calling a module looks ``__call__`` up on its type, so a plain call is never
+    a read.
+    """
+
+    def __init__(self, root: nn.Module) -> None:
+        self.modules = [
+            m for m in root.modules() if _is_batch_norm(m) or type(m) in _PRODUCERS
+        ]
+        self.reads: dict[int, set[str]] = defaultdict(set)
+
+    def _watched(self, cls: type[nn.Module], producer: bool) -> type[nn.Module]:
+        reads = self.reads
+        base = cls.__getattribute__
+
+        def __getattribute__(self: nn.Module, name: str) -> Any:  # noqa: N807
+            if (not producer or name in _PRODUCER_STATE) and not _is_library_code(
+                sys._getframe(1).f_code.co_filename
+            ):
+                reads[id(self)].add(name)
+            return base(self, name)
+
+        namespace = {
+            "__getattribute__": __getattribute__,
+            "__module__": cls.__module__,
+            "__qualname__": cls.__qualname__,
+        }
+        return type(cls.__name__, (cls,), namespace)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        originals = [(m, type(m)) for m in self.modules]
+        for m, cls in originals:
+            m.__class__ = self._watched(cls, producer=cls in _PRODUCERS)
+        try:
+            yield
+        finally:
+            for m, cls in originals:
+                m.__class__ = cls
+
+
+def _other_use_reason(
+    ctx: _FoldContext, prefix: str, node: fx.Node, bn: nn.Module
+) -> str | None:
+    """Why the BatchNorm at ``node`` (or its producer) is used other than by the plain call."""
+    if read := ctx.attribute_reads.get(id(bn)):
+        return (
+            f"forward reads BatchNorm attribute(s) {', '.join(sorted(read))} besides calling "
+            "it (the folded copy has no BatchNorm there)"
+        )
+    src = node.args[0] if node.args else None
+    if isinstance(src, fx.Node) and src.op == "call_module":
+        with contextlib.suppress(AttributeError):
+            producer = ctx.work.get_submodule(prefix + str(src.target))
+            if read := ctx.attribute_reads.get(id(producer)):
+                return (
+                    f"forward reads the producer's {', '.join(sorted(read))} besides calling "
+                    "it (folding changes them)"
+                )
+    if ctx.trace_error is not None and ctx.example_inputs is None:
+        return (
+            f"inside traceable '{prefix[:-1]}', but the forward around it is not traceable and "
+            "no example_inputs were given to watch how it uses the BatchNorm"
+        )
+    return None
+
+
+def _folded_copy_fault(
+    work: nn.Module, example_inputs: Any, expected: list[torch.Tensor]
+) -> str | None:
+    """Why the folded copy cannot be returned (it fails, or differs from the unfolded eval
+    copy beyond the package's tolerance on the example inputs), or None."""
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    try:
+        with torch.no_grad(), user_code("the folded model's forward"):
+            got = flatten_outputs(work(*args))
+    except Exception as exc:
+        return f"the folded copy fails on example_inputs ({type(exc).__name__}: {first_line(exc)})"
+    if len(got) != len(expected):
+        return f"the folded copy returns {len(got)} tensor(s), the model {len(expected)}"
+    for i, (e, a) in enumerate(zip(expected, got, strict=True)):
+        want = to_numpy(e)
+        eps = torch.finfo(e.dtype).eps if e.is_floating_point() else 0.0
+        tolerance = _fault_tolerance(want, eps)
+        comparison = compare_arrays(f"output {i}", want, to_numpy(a), tolerance)
+        if not comparison.passed:
+            return (
+                f"the folded copy differs from the model on example_inputs (output {i}: "
+                f"max |Δ| {fmt_num(comparison.max_abs)}, over {comparison.atol:.3g})"
+            )
+    return None
+
+
+def _fault_tolerance(expected: np.ndarray, eps: float) -> Tolerance:
+    """How far a folded output may be from the unfolded one before it is a fault, not rounding.
+
+    Folding is exact up to rounding, and that rounding is small relative to the output's scale
+    even where it exceeds an elementwise tolerance (a large mean subtracted, a tiny variance):
+    over 600 random Conv/ConvTranspose+BN cases, at most 3.3e-7 of max|output| in float32 and
+    7e-16 in float64. A fault (a BatchNorm the forward still needs) changes outputs by O(1) of
+    their scale. So: 1e-3 of the scale, or 10 machine epsilons (``eps``, of the output's torch
+    dtype) where that is coarser (float16, bfloat16).
+    """
+    finite = np.abs(expected[np.isfinite(expected)].astype(np.float64))
+    scale = float(finite.max()) if finite.size else 0.0
+    return Tolerance(max(1e-3, 10 * eps) * scale, 0.0)

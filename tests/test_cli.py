@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import models
+import normdeploy.folding
 from normdeploy import __version__
 from normdeploy.cli import main
 from normdeploy.cli._options import cli_words
@@ -68,3 +70,95 @@ def test_cli_py_runs_as_a_script():
 )
 def test_library_messages_are_printed_in_the_cli_words(library, cli):
     assert cli_words(library) == cli
+
+
+def _deep_chain_model(depth: int, scale: float = 1.0):
+    """Conv(3→4) → BN whose weight reaches the Conv through ``depth`` Identity nodes, and whose
+    output goes through ``depth`` Relu-free Identity nodes too (``scale`` multiplies the end,
+    to make two graphs differ)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w0"),
+        numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "g"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "m"),
+        numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "v"),
+        numpy_helper.from_array(np.array(scale, np.float32), "s"),
+    ]
+    nodes = [helper.make_node("Identity", [f"w{i}"], [f"w{i + 1}"]) for i in range(depth)]
+    nodes += [
+        helper.make_node("Conv", ["x", f"w{depth}"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["h", "g", "b", "m", "v"], ["t0"], name="bn"),
+    ]
+    nodes += [helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(depth)]
+    nodes.append(helper.make_node("Mul", [f"t{depth}", "s"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "deep",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_deep_chains_go_through_every_command_without_recursion(tmp_path, capsys):
+    """3,000 Identity nodes feeding the weight and 3,000 after the BN: deeper than Python's
+    default recursion limit (1,000), so any walk that recursed over graph depth would fail."""
+    import onnx
+
+    depth = 3000
+    assert depth > sys.getrecursionlimit()
+    onnx.save_model(_deep_chain_model(depth), str(tmp_path / "deep.onnx"))
+    onnx.save_model(_deep_chain_model(depth, 1.5), str(tmp_path / "other.onnx"))
+    out = tmp_path / "out.onnx"
+    assert main(["fold-bn", str(tmp_path / "deep.onnx"), "-o", str(out)]) == 0
+    assert "1 of 1 BatchNormalization folded" in capsys.readouterr().out
+    assert main(["inspect", str(out), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["op_counts"] == {}  # the BN is gone
+    # A mismatch: verify bisects over every one of the ~6,000 values, by name.
+    code = main(["verify", str(tmp_path / "deep.onnx"), str(tmp_path / "other.onnx"),
+                 "--providers", "cpu", "--format", "json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code == 1 and report["passed"] is False
+    bisection = report["bisection"]
+    assert bisection["first_divergence"] == "y" and len(bisection["probes"]) > 2 * depth
+
+
+def test_main_gives_back_the_signal_handlers_it_installs(capsys):
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {s: signal.getsignal(s) for s in signals}
+    assert main(["models", "--format", "json"]) == 0
+    capsys.readouterr()
+    assert {s: signal.getsignal(s) for s in signals} == before
+
+
+def test_an_exit_past_the_library_guards_is_still_one_line_and_exit_2(monkeypatch, capsys):
+    """sys.exit(0) from code the library did not guard must not look like success."""
+
+    def exits(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(normdeploy.folding, "fold_bn_file", exits)
+    assert main(["fold-bn", "in.onnx", "-o", "out.onnx"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "called sys.exit(0)" in lines[0]
+
+
+def test_a_result_that_cannot_be_printed_is_one_line(monkeypatch, capsys):
+    class FullStdout:  # standard output on a full disk
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", FullStdout())
+    assert main(["models"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "normdeploy models: error: standard output: cannot write the result "
+        "(No space left on device)"
+    ]

@@ -92,11 +92,18 @@ def wrong_fold(monkeypatch):
     normdeploy.folding.fold_bn_file that the command calls."""
 
     def fold_wrongly(
-        input_path, output_path, *, overwrite=False, verify=True, seed=0, merge=True
+        input_path,
+        output_path,
+        *,
+        overwrite=False,
+        verify=True,
+        seed=0,
+        merge=True,
+        keep_failed=False,
     ):
         return run_pass_on_file(
             FoldsOnePercentOff(), input_path, output_path,
-            overwrite=overwrite, verify=verify, seed=seed,
+            overwrite=overwrite, verify=verify, seed=seed, keep_failed=keep_failed,
         )  # fmt: skip
 
     monkeypatch.setattr(normdeploy.folding, "fold_bn_file", fold_wrongly)

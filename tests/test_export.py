@@ -325,3 +325,40 @@ def test_export_model_spec_and_cli(tmp_path, capsys):
     assert main(["export", "no_such_model", "-o", str(tmp_path / "x.onnx")]) == 2
     err = capsys.readouterr().err
     assert "unknown reference model" in err and "Traceback" not in err
+
+
+class _ExportsDouble(nn.Module):
+    """The exported graph computes 2·conv(x), PyTorch eval conv(x): the check must fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if torch.onnx.is_in_onnx_export() else y
+
+
+@pytest.mark.parametrize("keep_failed", [False, True], ids=["default", "keep_failed"])
+def test_a_failed_export_check_writes_no_graph_unless_kept(tmp_path, keep_failed) -> None:
+    torch.manual_seed(0)
+    module = _ExportsDouble().eval()
+    out = tmp_path / "m.onnx"
+    result = export(module, torch.randn(1, 3, 8, 8), out, keep_failed=keep_failed)
+    assert not result and not out.exists()
+    kept = tmp_path / "m.failed.onnx"
+    assert result.written == (kept if keep_failed else None)
+    assert result.to_dict()["written"] == (str(kept) if keep_failed else None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["m.failed.onnx"] if keep_failed else []
+    )
+    if (
+        keep_failed
+    ):  # the kept graph is the one that failed: it computes twice PyTorch's output
+        sess = ort.InferenceSession(str(kept), providers=["CPUExecutionProvider"])
+        x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+        (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        # fp32 3x3x3 conv: ~1e-6 between kernels; 1e-4 is the documented fp32 default
+        np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-4)

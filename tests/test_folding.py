@@ -79,7 +79,9 @@ def test_ledger_renders_every_bn_in_text_json_and_markdown() -> None:
     assert d["kept"] == 1 and d["ledger"][0]["node"] == "bn_kept"
     assert "padded Conv" in d["ledger"][0]["reason"]
     assert "nothing folded" in result.to_text()
-    assert result.verification == () and result.verified is True  # nothing to check
+    # Nothing changed, so nothing was compared: not "verified", and the report says why.
+    assert result.verification == () and result.verified is None and bool(result)
+    assert d["verified"] is None and d["checked"].startswith("nothing folded")
 
 
 # ----------------------------------------------------------------------------- files
@@ -130,7 +132,10 @@ def test_output_whose_data_file_is_the_inputs_is_refused(tmp_path) -> None:
         model, str(src), save_as_external_data=True, location="out.onnx.data", size_threshold=0
     )
     digest = sha256_file(tmp_path / "out.onnx.data")
-    with pytest.raises(OutputPathError, match=r"external data file 'out\.onnx\.data'"):
+    with pytest.raises(
+        OutputPathError,
+        match=r"out\.onnx\.data: output's external data would overwrite the input's",
+    ):
         fold_bn_file(src, tmp_path / "out.onnx")
     assert sha256_file(tmp_path / "out.onnx.data") == digest
 
@@ -160,6 +165,26 @@ def test_a_bn_that_computes_nan_is_an_input_error_and_nothing_is_written(tmp_pat
     with pytest.raises(InvalidModelError, match=r"'bn' has var \+ epsilon <= 0"):
         fold_bn_file(src, tmp_path / "out.onnx")
     assert listing(tmp_path) == ["in.onnx"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "inf"])
+def test_non_finite_conv_weights_keep_the_bn_and_say_so(bad) -> None:
+    """The producer's own weights are NaN/inf: the BN stays, the ledger says the folded values
+    would not be finite (not an overflow), and the JSON says nothing was compared."""
+    weight = w(4, 3, 3, 3)
+    weight[0, 0, 0, 0] = bad
+    model = parse(
+        """G (float[2,3,5,5] X) => (float[2,4,3,3] Y) {
+            A = Conv (X, W)
+            Y = BatchNormalization (A, g, b, m, v)
+        }""",
+        {"W": weight, **bn_params(4)},
+    )
+    d = fold_bn(model).to_dict()
+    (entry,) = d["ledger"]
+    assert entry["action"] == "kept" and "folded values are not finite" in entry["reason"]
+    assert "overflow" not in entry["reason"]
+    assert d["verified"] is None and d["checked"].startswith("nothing folded")
 
 
 def test_stream_writer_is_byte_identical_to_serialize(tmp_path) -> None:

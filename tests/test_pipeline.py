@@ -247,3 +247,61 @@ def test_deploy_fuses_decomposed_norms_at_the_export_opset_and_never_changes_it(
     counts = Counter(n.op_type for n in model.graph.node)
     assert default_opset(model) == 23
     assert counts["LayerNormalization"] == 1 and counts["RMSNormalization"] == 1
+
+
+DIVERGES = '''
+import torch
+from torch import nn
+
+
+class Diverges(nn.Module):
+    """The exported graph computes 2·bn(conv(x)); PyTorch eval computes bn(conv(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2 if torch.onnx.is_in_onnx_export() else y
+
+
+def net():
+    torch.manual_seed(0)
+    return Diverges().eval(), torch.zeros(1, 3, 8, 8)
+'''
+
+
+@pytest.mark.parametrize("keep_failed", [False, True], ids=["default", "keep_failed"])
+def test_a_failing_deploy_writes_its_reports_and_no_model(tmp_path, monkeypatch, keep_failed):
+    """The report is the diagnosis; the graph is written only with keep_failed, and then only
+    as model.failed.onnx."""
+    (tmp_path / "divergezoo.py").write_text(DIVERGES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    result = deploy("divergezoo:net", out, providers="cpu", keep_failed=keep_failed)
+    assert not result and result.failed_stage is None  # every stage ran; the verdict is FAIL
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["verify"]["passed"] is False
+    assert "— FAIL" in (out / "report.md").read_text()
+    assert not (out / "model.onnx").exists()
+    # No report names a file of the (removed) staging directory.
+    assert report["export"]["written"] == report["model_file"]
+    assert ".normdeploy-tmp-" not in (out / "report.json").read_text()
+    names = sorted(p.name for p in out.iterdir())
+    if keep_failed:
+        assert names == ["model.failed.onnx", "report.json", "report.md"]
+        assert report["model_file"] == str(out / "model.failed.onnx")
+        onnx.checker.check_model(onnx.load(str(out / "model.failed.onnx")), full_check=True)
+    else:
+        assert names == ["report.json", "report.md"] and report["model_file"] is None
+
+
+def test_a_passing_deploy_names_its_model_file(tmp_path):
+    result = deploy("conv_bn_relu", tmp_path / "ok", providers="cpu")
+    assert result and result.model_file == tmp_path / "ok" / "model.onnx"
+    assert result.export is not None and result.export.written == result.model_file
+    assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
+        "model.onnx", "report.json", "report.md",
+    ]  # fmt: skip

@@ -671,6 +671,143 @@ def test_untraceable_forward_folds_only_inside_traceable_submodules() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 
+# ---------------------------------------------------------------------------------------------
+# a BatchNorm used other than by the plain call is kept: the folded copy would break or differ
+
+
+class _ReadsBuffer(nn.Module):
+    """Reads a running statistic besides calling the BatchNorm (fx: a get_attr node)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.bn.running_mean.view(1, -1, 1, 1)
+
+
+class _ReadsEps(_ReadsBuffer):
+    """Reads a Python attribute (fx inlines it as a constant: invisible in the graph)."""
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * (1.0 + self.bn.eps)
+
+
+class _ChecksType(_ReadsBuffer):
+    """isinstance on the BatchNorm: after folding the branch would change. isinstance asks the
+    type, not the instance, so no watch sees it: only running the folded copy shows it."""
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return y * 2.0 if isinstance(self.bn, nn.BatchNorm2d) else y
+
+
+class _UntraceableReadsWeight(nn.Module):
+    """The forward around a traceable block branches on data and reads the BN's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        h = self.block(x)
+        if h.sum() > -1e30:
+            return h + self.block[1].weight.view(1, -1, 1, 1)
+        return h
+
+
+class _UntraceableReadsConvWeight(_UntraceableReadsWeight):
+    """Reads the producer's weight, which folding rewrites."""
+
+    def forward(self, x):
+        h = self.block(x)
+        if h.sum() > -1e30:
+            return h * self.block[0].weight.abs().mean()
+        return h
+
+
+# Without example inputs an untraceable forward cannot be watched: nothing around it folds.
+_BLIND = "no example_inputs were given"
+
+
+@pytest.mark.parametrize(
+    ("model_cls", "bn", "reason", "reason_without_inputs"),
+    [
+        pytest.param(
+            _ReadsBuffer, "bn", "running_mean", "running_mean", id="reads_running_mean"
+        ),
+        pytest.param(_ReadsEps, "bn", "attribute(s) eps", "attribute(s) eps", id="reads_eps"),
+        pytest.param(
+            _UntraceableReadsWeight, "block.1", "attribute(s) weight", _BLIND, id="untraceable"
+        ),
+        pytest.param(
+            _UntraceableReadsConvWeight, "block.1", "producer's weight", _BLIND, id="producer"
+        ),
+    ],
+)
+def test_a_batchnorm_used_other_than_by_its_call_is_kept(
+    model_cls, bn, reason, reason_without_inputs
+) -> None:
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    _randomize_bn(model.get_submodule(bn), seed=3)
+    x = torch.randn(2, 3, 8, 8)
+    want = _eval_output(model, x)
+    for example, expected in ((x, reason), (None, reason_without_inputs)):
+        result = fold_bn_module_with_ledger(model, example)
+        entry = _entry(result, bn)
+        assert not entry.folded and expected in entry.reason, entry
+        with torch.no_grad():
+            assert torch.equal(result.module(x), want)  # it runs, and nothing changed
+    assert type(model.get_submodule(bn)) is nn.BatchNorm2d  # the watch left the caller alone
+
+
+def test_untraceable_forward_without_example_inputs_folds_nothing_around_it() -> None:
+    model = _UntraceableReadsWeight().eval()
+    result = fold_bn_module_with_ledger(model)
+    (entry,) = result.entries
+    assert not entry.folded and "no example_inputs were given" in entry.reason
+
+
+def test_a_folded_copy_that_differs_on_the_example_inputs_is_never_returned() -> None:
+    torch.manual_seed(0)
+    model = _ChecksType().eval()
+    _randomize_bn(model.bn, seed=5)
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_bn_module_with_ledger(model, x)
+    (entry,) = result.entries
+    assert not entry.folded and "the folded copy differs from the model" in entry.reason
+    with torch.no_grad():
+        assert torch.equal(result.module(x), _eval_output(model, x))
+
+
+class _StaticRead(_ReadsBuffer):
+    """Reads the BatchNorm past every watch (inspect.getattr_static goes around
+    __getattribute__): only running the folded copy shows the fault."""
+
+    def forward(self, x):
+        import inspect
+
+        eps = inspect.getattr_static(self.bn, "eps")
+        return self.bn(self.conv(x)) * (1.0 + eps)
+
+
+def test_a_folded_copy_that_fails_on_the_example_inputs_is_never_returned() -> None:
+    torch.manual_seed(0)
+    model = _StaticRead().eval()
+    _randomize_bn(model.bn, seed=4)
+    x = torch.randn(2, 3, 8, 8)
+    result = fold_bn_module_with_ledger(model, x)
+    (entry,) = result.entries
+    assert not entry.folded
+    assert "the folded copy fails on example_inputs (AttributeError" in entry.reason
+    assert "every fold undone" in entry.reason
+    assert isinstance(result.module.bn, nn.BatchNorm2d)
+    with torch.no_grad():
+        assert torch.equal(result.module(x), _eval_output(model, x))
+
+
 def test_ledger_renders_to_text_json_and_markdown() -> None:
     model = _TwoUsers().eval()
     result = fold_bn_module_with_ledger(model, torch.randn(1, 3, 4, 4))

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import onnx
 
+from normdeploy.arguments import check_int, example_inputs_arg, module_arg, onnx_model_arg
 from normdeploy.census.lints import LOW_PRECISION, eval_mode_lints, norm_lints
 from normdeploy.census.patterns import NATIVE_NORM_OPS, Match, match_at
 from normdeploy.census.results import Census, Lint, NormEntry, NormNode
@@ -93,7 +94,7 @@ def graph_census(model: onnx.ModelProto) -> tuple[dict[str, int], list[NormNode]
 
 
 def inspect(
-    model_or_path: onnx.ModelProto | str | os.PathLike[str],
+    model_or_path: onnx.ModelProto | bytes | str | os.PathLike[str],
     *,
     module: torch.nn.Module | None = None,
     example_inputs: Sequence[Any] | None = None,
@@ -106,6 +107,11 @@ def inspect(
     """
     from normdeploy.census.modules import module_entries
 
+    model_or_path = onnx_model_arg(model_or_path, "model_or_path")
+    if module is not None:
+        module_arg(module)
+    example_inputs = example_inputs_arg(example_inputs)
+    check_int(seed, "seed")
     if isinstance(model_or_path, onnx.ModelProto):
         model, source = model_or_path, model_or_path.graph.name or "<model>"
     else:

@@ -20,7 +20,7 @@ import onnx
 
 from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
 from normdeploy.census.results import ABSENT, FOLDED, NormEntry
-from normdeploy.errors import first_line
+from normdeploy.errors import first_line, user_code
 from normdeploy.onnx_graph import graph_input_specs, node_label
 from normdeploy.reference import module_oracle, norm_kind
 from normdeploy.scopes import nodes_by_module, rewrite_rules
@@ -32,8 +32,8 @@ from normdeploy.verification.compare import (
     TolerancePolicy,
 )
 from normdeploy.verification.feeds import feeds_like, make_feeds
-from normdeploy.verification.probe import expose_values, module_output_values
-from normdeploy.verification.runners import CPU, OrtRunner
+from normdeploy.verification.probe import module_output_values, run_exposed
+from normdeploy.verification.runners import CPU, from_numpy, to_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +126,7 @@ def trace_norm_modules(
         def hook(_mod: torch.nn.Module, inp: Any) -> None:
             t = _first_tensor(inp)
             if t is not None:
-                trace.inputs[path] = t.detach().cpu().numpy().copy()
+                trace.inputs[path] = to_numpy(t)
                 owner = made_by.get(id(t))
                 if owner is not None and owner[1] is t:
                     trace.producers[path] = owner[0]
@@ -139,7 +139,7 @@ def trace_norm_modules(
             if t is None:
                 return
             if path in wanted:
-                trace.outputs[path] = t.detach().cpu().numpy().copy()
+                trace.outputs[path] = to_numpy(t)
             if isinstance(mod, producer_types):
                 made_by[id(t)] = (path, t)
 
@@ -152,7 +152,7 @@ def trace_norm_modules(
         if path in wanted or isinstance(mod, producer_types):
             handles.append(mod.register_forward_hook(post_hook(path)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), user_code("the model's forward"):
             model(*args)
     finally:
         for h in handles:
@@ -269,7 +269,6 @@ def module_entries(
     policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> tuple[list[NormEntry], list[str]]:
     """One confirmed :class:`NormEntry` per norm module of ``module``, and notes."""
-    import torch
 
     norm_modules = [(p, m) for p, m in module.named_modules() if norm_kind(m) is not None]
     if not norm_modules:
@@ -277,7 +276,7 @@ def module_entries(
     notes: list[str] = []
     feeds = _confirm_feeds(model, example_inputs, seed)
     label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-    args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
+    args = [from_numpy(v) for v in feeds.values()]
     try:
         trace = trace_norm_modules(module, args, [p for p, _ in norm_modules])
     except Exception as exc:
@@ -288,7 +287,7 @@ def module_entries(
     values: dict[str, np.ndarray] = {}
     if wanted and trace.outputs:
         try:
-            values = OrtRunner(expose_values(model, wanted), CPU).infer(feeds)
+            values = run_exposed(model, wanted, feeds, CPU)
         except Exception as exc:  # a graph ORT cannot run still gets its representation
             notes.append(
                 f"onnxruntime could not run the graph with exposed values: {first_line(exc)}"

@@ -7,6 +7,8 @@ import sys
 
 from normdeploy.cli._options import (
     add_input_shape,
+    add_keep_failed,
+    add_max_memory,
     add_output_options,
     emit,
     input_shapes,
@@ -42,6 +44,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_input_shape(p, "e.g. 1x3x224x224")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
+    add_keep_failed(p)
+    add_max_memory(p)
     add_output_options(p, report=False, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
@@ -60,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         "batch_sizes": parse_batch_sizes(args.batch_sizes),
         "overwrite": args.force,
         "merge": args.merge,
+        "keep_failed": args.keep_failed,
         "progress": Progress(enabled=not args.quiet),
     }
     if args.all_reference:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from normdeploy.cli._options import (
     add_input_shape,
+    add_keep_failed,
+    add_max_memory,
     add_output_options,
     check_report_path,
     emit,
@@ -61,14 +65,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="run onnxsim (default: only after the torchscript exporter)",
     )
     simplify.add_argument("--no-simplify", dest="simplify", action="store_false")
+    add_keep_failed(p)
+    add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.exporting import export_model
+    from normdeploy.io import data_file_for, failed_file_for
 
-    check_report_path(args, (args.output,))
+    out = Path(args.output)
+    check_report_path(
+        args,
+        (),
+        [
+            (out, "output"),
+            (data_file_for(out), "output's external data"),
+            *([(failed_file_for(out), "failed graph")] if args.keep_failed else []),
+        ],
+    )
     result = export_model(
         args.model,
         args.output,
@@ -79,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
         dynamic_batch=args.dynamic_batch,
         simplify=args.simplify,
         overwrite=args.force,
+        keep_failed=args.keep_failed,
     )
     emit(result, args)
-    return 0 if result.passed else 1
+    if result.passed:
+        return 0
+    print(f"normdeploy export: {result.failure_line()}", file=sys.stderr)
+    return 1

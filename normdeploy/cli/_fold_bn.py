@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from normdeploy.cli._options import add_output_options, check_report_path, emit, run_reported
+from normdeploy.cli._options import (
+    add_keep_failed,
+    add_max_memory,
+    add_output_options,
+    check_report_path,
+    emit,
+    run_reported,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,6 +34,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep summed parallel branches (do not merge them into one Conv)",
     )
+    add_keep_failed(p)
+    add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
@@ -33,13 +43,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # torch is never imported on this path: fold-bn's memory is measured against load+save.
     from normdeploy.folding import fold_bn_file
+    from normdeploy.io import data_file_for, failed_file_for
 
-    check_report_path(args, (args.input, args.output))
+    out = Path(args.output)
+    check_report_path(
+        args,
+        (args.input,),
+        [
+            (out, "output"),
+            (data_file_for(out), "output's external data"),
+            *([(failed_file_for(out), "failed graph")] if args.keep_failed else []),
+        ],
+    )
     result = run_reported(
         args,
         lambda: fold_bn_file(
-            args.input, args.output, overwrite=args.force, verify=args.verify, merge=args.merge
+            args.input, args.output, overwrite=args.force, verify=args.verify,
+            merge=args.merge, keep_failed=args.keep_failed,
         ),
-    )
+    )  # fmt: skip
     emit(result, args)
     return 0

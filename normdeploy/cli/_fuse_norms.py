@@ -4,8 +4,16 @@ native ops, with a ledger."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from normdeploy.cli._options import add_output_options, check_report_path, emit, run_reported
+from normdeploy.cli._options import (
+    add_keep_failed,
+    add_max_memory,
+    add_output_options,
+    check_report_path,
+    emit,
+    run_reported,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,14 +36,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="convert the model to opset N first (17: LayerNormalization, 23: RMSNormalization)",
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks")
+    add_keep_failed(p)
+    add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.folding import fuse_norms_file
+    from normdeploy.io import data_file_for, failed_file_for
 
-    check_report_path(args, (args.input, args.output))
+    out = Path(args.output)
+    check_report_path(
+        args,
+        (args.input,),
+        [
+            (out, "output"),
+            (data_file_for(out), "output's external data"),
+            *([(failed_file_for(out), "failed graph")] if args.keep_failed else []),
+        ],
+    )
     result = run_reported(
         args,
         lambda: fuse_norms_file(
@@ -44,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
             opset=args.opset,
             overwrite=args.force,
             verify=args.verify,
+            keep_failed=args.keep_failed,
         ),
     )
     emit(result, args)

@@ -6,6 +6,7 @@ import argparse
 
 from normdeploy.cli._options import (
     add_input_shape,
+    add_max_memory,
     add_output_options,
     check_report_path,
     emit,
@@ -31,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--weights", help="state_dict for --module (weights_only=True)")
     add_input_shape(p, "input shape for the confirmation run, e.g. 2x3x32x32")
+    add_max_memory(p)
     add_output_options(p, force_help="overwrite an existing report")
     p.set_defaults(run=run)
 

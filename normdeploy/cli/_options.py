@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from normdeploy.errors import InvalidArgumentError, VerificationFailed
+from normdeploy.errors import InvalidArgumentError, OutputPathError, VerificationFailed
 from normdeploy.report import Renderable
 
 FORMATS = ("text", "json", "markdown")
@@ -26,8 +26,19 @@ FLAGS = {
     "exporter": "--exporter",
     "inputs": "--inputs",
     "weights": "--weights",
+    "max_memory": "--max-memory",
+    "output_path": "-o",
+    "out_dir": "-o",
+    "path": "-o",
+    "report": "--report",
 }
-_SPELLED = {"dynamic_batch=False": "--static", "dynamic_batch=True": "--dynamic-batch"}
+_SPELLED = {
+    "dynamic_batch=False": "--static",
+    "dynamic_batch=True": "--dynamic-batch",
+    "verify=False": "--no-verify",
+    "keep_failed=True": "--keep-failed",
+    "overwrite=True": "--force",
+}
 _NAMES = "|".join(FLAGS)
 _ASSIGNMENT = re.compile(rf"\b({_NAMES})=(['\"]?)([^'\"\s,;)]+)\2")
 _LEADING = re.compile(rf"^({_NAMES}):")
@@ -57,6 +68,23 @@ def add_output_options(
         p.add_argument("-f", "--force", action="store_true", help=force_help)
 
 
+def add_keep_failed(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="when the check fails, keep the graph as NAME.failed.onnx (default: write nothing)",
+    )
+
+
+def add_max_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory budget for the inputs and values normdeploy allocates, e.g. 8G "
+        "(default: $NORMDEPLOY_MAX_MEMORY, else half the available memory)",
+    )
+
+
 def input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]] | None:
     """The parsed --input-shape values, or None when none were given."""
     from normdeploy.modelspec import parse_shape
@@ -75,24 +103,41 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
 
 
 def check_report_path(
-    args: argparse.Namespace, inputs: Sequence[str | os.PathLike[str]]
+    args: argparse.Namespace,
+    inputs: Sequence[str | os.PathLike[str]],
+    outputs: Sequence[tuple[str | os.PathLike[str], str]] = (),
 ) -> None:
-    """Fail before any work when --report cannot be written."""
-    if args.report:
-        from normdeploy.io import check_output_path
+    """Fail before any work when --report cannot be written: against the inputs, existing
+    files, and the command's other ``outputs`` (which the library checks itself)."""
+    if args.report is not None:
+        from normdeploy.io import OutputPlan, plan_outputs
 
-        check_output_path(
-            args.report, inputs=tuple(inputs), overwrite=args.force, what="report"
-        )
+        plan: OutputPlan = plan_outputs([], inputs=inputs, overwrite=args.force)
+        for path, what in outputs:
+            plan.reserve(path, what)
+        plan.add(args.report, "report")
+
+
+class StdoutClosed(Exception):
+    """Whoever read our standard output went away (``normdeploy … | head``)."""
 
 
 def emit(result: Renderable, args: argparse.Namespace) -> None:
-    """Print the result in --format, and write --report when asked."""
+    """Write --report when asked, then print the result in --format (a closed pipe on stdout
+    then costs nothing already done)."""
     from normdeploy.report import render, write_report
 
-    sys.stdout.write(render(result, args.format))
-    if getattr(args, "report", None):
-        write_report(result, args.report)
+    if getattr(args, "report", None) is not None:
+        write_report(result, args.report, overwrite=args.force)
+    try:
+        sys.stdout.write(render(result, args.format))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise StdoutClosed from None
+    except OSError as exc:
+        raise OutputPathError(
+            f"standard output: cannot write the result ({exc.strerror or exc})"
+        ) from None
 
 
 def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
@@ -101,8 +146,8 @@ def run_reported(args: argparse.Namespace, work: Callable[[], Any]) -> Any:
     try:
         return work()
     except VerificationFailed as exc:
-        if getattr(args, "report", None) and exc.result is not None:
+        if getattr(args, "report", None) is not None and exc.result is not None:
             from normdeploy.report import write_report
 
-            write_report(exc.result, args.report)  # type: ignore[arg-type]
+            write_report(exc.result, args.report, overwrite=getattr(args, "force", False))  # type: ignore[arg-type]
         raise

@@ -6,6 +6,7 @@ import argparse
 
 from normdeploy.cli._options import (
     add_input_shape,
+    add_max_memory,
     add_output_options,
     check_report_path,
     emit,
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_input_shape(
         p, "example input shape for MODEL, like 1x3x224x224 (repeat for several inputs)"
     )
+    add_max_memory(p)
     add_output_options(p, force_help="overwrite an existing report")
     p.set_defaults(run=run)
 

@@ -99,7 +99,7 @@ def validate_for_folding(model: onnx.ModelProto, source: str) -> None:
     if weight_bytes(model) <= CHECKER_MAX_BYTES:
         try:
             onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as exc:
+        except (onnx.checker.ValidationError, RecursionError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid"
             raise InvalidModelError(f"{source}: fails onnx.checker: {first[:200]}") from None
 

@@ -34,11 +34,11 @@ from normdeploy.onnx_graph import node_label
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.verification.compare import DEFAULT_POLICY, ArrayComparison, TolerancePolicy
 from normdeploy.verification.probe import (
-    expose_values,
     module_output_values,
+    run_exposed,
     trace_module_calls,
 )
-from normdeploy.verification.runners import CPU, OrtRunner
+from normdeploy.verification.runners import CPU
 
 if TYPE_CHECKING:
     import torch
@@ -342,8 +342,7 @@ def _run_exposed(
     feeds: Mapping[str, np.ndarray],
     provider: str,
 ) -> dict[str, np.ndarray]:
-    exposed = expose_values(model, names)
-    return OrtRunner(exposed, provider).infer(feeds)
+    return run_exposed(model, names, feeds, provider)
 
 
 def bisect_module(

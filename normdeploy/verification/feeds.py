@@ -16,8 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from normdeploy.errors import InputFileError, InvalidArgumentError
-from normdeploy.io import check_input_file
+from normdeploy.budget import array_bytes, check_allocation, describe_shapes, generation_bytes
+from normdeploy.errors import (
+    InputFileError,
+    InvalidArgumentError,
+    ResourceLimitError,
+    first_line,
+)
+from normdeploy.io import check_input_file, describe_content
 from normdeploy.onnx_graph import InputSpec
 
 SYMBOLIC_DEFAULT = 8  # value for a symbolic non-batch dim nothing else sizes
@@ -81,24 +87,64 @@ def stress_array(
     return x.astype(dtype)
 
 
+def check_feed_memory(
+    specs: Sequence[InputSpec],
+    batch_sizes: Sequence[int | None],
+    seeds: int = 1,
+    dim_values: Mapping[str, int] | None = None,
+) -> None:
+    """Refuse (before anything is allocated) stress inputs over the memory budget: every feed
+    set is kept, and the largest input is generated through float64 temporaries."""
+    total, peak, largest = 0, 0, ""
+    seen: set[tuple[tuple[int, ...], ...]] = set()
+    for batch in batch_sizes:
+        shapes = [(s.name, concrete_shape(s, batch, dim_values), s.dtype) for s in specs]
+        if (key := tuple(shape for _, shape, _ in shapes)) in seen:
+            continue  # a static batch dim: the same feeds, made once
+        seen.add(key)
+        total += seeds * sum(array_bytes(shape, dtype) for _, shape, dtype in shapes)
+        for entry in shapes:
+            if (gen := generation_bytes(entry[1], entry[2])) > peak:
+                peak, largest = gen, describe_shapes([entry])
+    if total + peak > 0:
+        sizes = ", ".join(str(b) for b in batch_sizes if b is not None)
+        check_allocation(
+            f"stress inputs (largest {largest}"
+            + (f"; batch sizes {sizes}" if sizes else "")
+            + ")",
+            total + peak,
+        )
+
+
 def make_feeds(
     specs: Sequence[InputSpec],
     batch_size: int | None = None,
     seed: int = 0,
     dim_values: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded stress inputs for every graph input."""
+    """Seeded stress inputs for every graph input (sized against the memory budget first)."""
+    check_feed_memory(specs, [batch_size], 1, dim_values)
     rng = np.random.default_rng(seed)
-    return {
-        s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
-        for s in specs
-    }
+    try:
+        return {
+            s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
+            for s in specs
+        }
+    except MemoryError as exc:  # within the budget, yet the machine said no
+        raise ResourceLimitError(
+            f"stress inputs: cannot allocate ({first_line(exc, 160)})"
+        ) from None
 
 
 def feeds_like(
     specs: Sequence[InputSpec], examples: Sequence[Any], seed: int
 ) -> dict[str, np.ndarray]:
     """Seeded stress inputs with the shapes of ``examples`` (tensors or arrays), one per spec."""
+    shapes = [(s.name, tuple(x.shape), s.dtype) for s, x in zip(specs, examples, strict=True)]
+    check_allocation(
+        f"stress inputs ({describe_shapes(shapes)})",
+        sum(generation_bytes(shape, dtype) for _, shape, dtype in shapes),
+    )
     rng = np.random.default_rng(seed)
     return {
         s.name: stress_array(tuple(x.shape), s.dtype, rng)
@@ -138,6 +184,7 @@ def stress_feed_sets(
     dim_values: Mapping[str, int] | None = None,
 ) -> tuple[list[FeedSet], list[str]]:
     """One FeedSet per batch size and seed (duplicates dropped), and notes on what ran."""
+    check_feed_memory(specs, batch_sizes, seeds, dim_values)  # all of them, before the first
     sets: list[FeedSet] = []
     seen: set[Any] = set()
     for batch in batch_sizes:
@@ -163,20 +210,59 @@ def stress_feed_sets(
     return sets, notes
 
 
+def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header (nothing else is read)."""
+    version = np.lib.format.read_magic(member)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+    return tuple(shape), np.dtype(dtype)
+
+
 def _read_npz(path: os.PathLike[str] | str) -> dict[str, np.ndarray]:
+    """The arrays of an ``.npz``; every member's header is read and sized before any data."""
     p = check_input_file(path, "inputs")
+    with open(p, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"\x93NUMPY"):
+        raise InputFileError(
+            f"{p}: a single .npy array, not an .npz with one array per graph input name"
+        )
+    if not zipfile.is_zipfile(p):
+        raise InputFileError(f"{p}: not an .npz archive ({describe_content(head)})")
+    arrays: dict[str, np.ndarray] = {}
     try:
-        with np.load(p, allow_pickle=False) as data:
-            if not isinstance(data, np.lib.npyio.NpzFile):
-                raise InputFileError(
-                    f"{p}: a single .npy array; inputs needs an .npz with one array per graph "
-                    "input name"
-                )
-            return {k: data[k] for k in data.files}
+        with zipfile.ZipFile(p) as archive:
+            members = [m for m in archive.infolist() if not m.is_dir()]
+            headers = []
+            for m in members:
+                name = m.filename[:-4] if m.filename.endswith(".npy") else m.filename
+                try:
+                    with archive.open(m) as f:
+                        shape, dtype = _npy_header(f)
+                except (ValueError, EOFError, OSError) as exc:
+                    raise InputFileError(
+                        f"{p}: member '{m.filename}' is not a NumPy array ({first_line(exc, 120)})"
+                    ) from None
+                if dtype.hasobject:
+                    raise InputFileError(
+                        f"{p}: member '{m.filename}' holds Python objects (pickled data); "
+                        "refused: feeds must be numeric arrays"
+                    )
+                headers.append((name, shape, dtype))
+            check_allocation(
+                f"{p}: arrays {describe_shapes(headers)}",
+                sum(array_bytes(shape, dtype) for _, shape, dtype in headers),
+            )
+            for m, (name, _, _) in zip(members, headers, strict=True):
+                with archive.open(m) as f:
+                    arrays[name] = np.lib.format.read_array(f, allow_pickle=False)
     except InputFileError:
         raise
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputFileError(f"{p}: cannot read as .npz ({exc})") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError) as exc:
+        raise InputFileError(f"{p}: cannot read as .npz ({first_line(exc, 160)})") from None
+    return arrays
 
 
 def load_feeds(

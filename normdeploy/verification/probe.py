@@ -9,15 +9,19 @@ module is untouched).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
+from normdeploy.budget import check_allocation
+from normdeploy.errors import user_code
+from normdeploy.onnx_graph import np_dtype, value_shape
 from normdeploy.scopes import node_module_path
-from normdeploy.verification.runners import to_numpy
+from normdeploy.verification.runners import CPU, OrtRunner, to_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +50,53 @@ def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelPro
             vi.name = name
         out.graph.output.append(vi)
     return out
+
+
+def exposed_value_bytes(
+    exposed: onnx.ModelProto, names: Iterable[str], feeds: Mapping[str, np.ndarray]
+) -> int:
+    """Bytes of the exposed values at these feeds, from their declared or inferred shapes;
+    symbolic dims are sized from the graph inputs' dims, values of unknown size count 0."""
+    sizes: dict[str, int] = {}
+    for vi in exposed.graph.input:
+        shape = value_shape(vi)
+        fed = feeds.get(vi.name)
+        if shape is None or fed is None or len(shape) != fed.ndim:
+            continue
+        for dim, n in zip(shape, fed.shape, strict=True):
+            if isinstance(dim, str):
+                sizes.setdefault(dim, int(n))
+    wanted = set(names)
+    total = 0
+    for vi in exposed.graph.output:
+        shape = value_shape(vi)
+        if vi.name not in wanted or shape is None:
+            continue
+        dims = [d if isinstance(d, int) else sizes.get(d or "") for d in shape]
+        if any(d is None for d in dims):
+            continue
+        try:
+            itemsize = np_dtype(vi.type.tensor_type.elem_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            continue
+        total += math.prod(int(d or 0) for d in dims) * itemsize
+    return total
+
+
+def run_exposed(
+    model: onnx.ModelProto,
+    names: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    provider: str = CPU,
+) -> dict[str, np.ndarray]:
+    """Run ``model`` with intermediate values exposed; their bytes are checked against the
+    memory budget first (they are all held at once)."""
+    exposed = expose_values(model, names)
+    check_allocation(
+        f"{len(names)} intermediate value(s) exposed for comparison",
+        exposed_value_bytes(exposed, names, feeds),
+    )
+    return OrtRunner(exposed, provider).infer(feeds)
 
 
 def module_output_values(graph: onnx.GraphProto) -> dict[str, str]:
@@ -120,7 +171,7 @@ def trace_module_calls(module: torch.nn.Module, inputs: Sequence[Any]) -> list[M
 
     handles = [m.register_forward_hook(hook_for(p)) for p, m in model.named_modules()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), user_code("the model's forward"):
             model(*inputs)
     finally:
         for h in handles:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
-from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
+from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line, user_code
 
 if TYPE_CHECKING:
     import torch
@@ -106,10 +107,26 @@ def session_options(optimize: bool = False, threads: int | None = None) -> Any:
         if optimize
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors arrive as exceptions, with their message
     if threads:
         so.intra_op_num_threads = threads
     return so
+
+
+_ORT_NOISE = (
+    re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : "),  # error code and name
+    re.compile(r"^Load model from .*? failed:"),  # the path: the caller names the file
+    re.compile(r"/\S+\.(?:cc|cpp|h):\d+ [^(]*\([^)]*\)\s*"),  # C++ location and signature
+)
+
+
+def ort_message(exc: BaseException, limit: int = 200) -> str:
+    """onnxruntime's reason in plain words: its error code, the model path and the C++ source
+    location that prefix it are dropped."""
+    text = first_line(exc, 10_000)
+    for pattern in _ORT_NOISE:
+        text = pattern.sub("", text)
+    return text.strip()[:limit] or type(exc).__name__
 
 
 @dataclass
@@ -145,7 +162,7 @@ class OrtRunner:
             self.session  # noqa: B018
         except Exception as exc:
             raise InvalidModelError(
-                f"{label}: onnxruntime cannot load it: {first_line(exc)}"
+                f"{label}: onnxruntime cannot load it: {ort_message(exc)}"
             ) from None
         return self
 
@@ -189,6 +206,17 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
 
 
+def from_numpy(array: np.ndarray) -> torch.Tensor:
+    """A torch tensor of ``array`` (contiguous); bfloat16 (ml_dtypes, which torch cannot take
+    directly) through a 16-bit view."""
+    import torch
+
+    a = np.ascontiguousarray(array)
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(a)
+
+
 def module_float_dtype(module: torch.nn.Module) -> torch.dtype | None:
     """The dtype of the module's first floating-point parameter or buffer."""
     for t in [*module.parameters(), *module.buffers()]:
@@ -201,8 +229,9 @@ def module_outputs(module: torch.nn.Module, args: Sequence[Any]) -> list[np.ndar
     """The module's outputs on ``args`` under ``no_grad`` as numpy arrays (mode as it is)."""
     import torch
 
-    with torch.no_grad():
-        return [to_numpy(t) for t in flatten_outputs(module(*args))]
+    with torch.no_grad(), user_code("the model's forward"):
+        outputs = flatten_outputs(module(*args))
+    return [to_numpy(t) for t in outputs]
 
 
 @dataclass
@@ -224,12 +253,11 @@ class TorchRunner:
 
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
-        import torch
 
         dtype = module_float_dtype(self._model)
         out = []
         for name in self.input_names:
-            t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
+            t = from_numpy(feeds[name])
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             out.append(t.to(self.device))

@@ -32,6 +32,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from normdeploy.arguments import (
+    batch_sizes_arg,
+    check_bool,
+    feeds_arg,
+    optional_path,
+    providers_arg,
+    shapes_arg,
+)
 from normdeploy.census.lints import model_eval_mode_lints
 from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
 from normdeploy.io import read_onnx
@@ -86,6 +94,30 @@ def tolerance_policy(
         ):
             raise InvalidArgumentError(f"{name}: {value} must be a finite number >= 0")
     return TolerancePolicy(atol=atol, rtol=rtol, tolerance=tolerance)
+
+
+def check_verify_arguments(
+    *,
+    providers: object,
+    batch_sizes: object,
+    inputs: object,
+    tolerance: object,
+    bisect: object,
+    weights: object,
+    input_shapes: object,
+) -> None:
+    """Argument types of :func:`verify` (values are checked where they are used)."""
+    providers_arg(providers)
+    batch_sizes_arg(batch_sizes)
+    feeds_arg(inputs)
+    if tolerance is not None and not isinstance(tolerance, Tolerance):
+        raise InvalidArgumentError(
+            f"tolerance: expected a normdeploy.verification.Tolerance, got "
+            f"{type(tolerance).__name__} (atol=/rtol= take numbers)"
+        )
+    check_bool(bisect, "bisect")
+    optional_path(weights, "weights")
+    shapes_arg(input_shapes)
 
 
 def _validate_seeds(seeds: int) -> int:
@@ -386,6 +418,10 @@ def verify(
     ``reference`` is an ``nn.Module``, a ``ResolvedModel``, a MODEL spec string, or an ONNX
     path/ModelProto. The result is falsy on any mismatch; it never raises for one.
     """
+    check_verify_arguments(
+        providers=providers, batch_sizes=batch_sizes, inputs=inputs, tolerance=tolerance,
+        bisect=bisect, weights=weights, input_shapes=input_shapes,
+    )  # fmt: skip
     sizes = validate_batch_sizes(batch_sizes)
     _validate_seeds(seeds)
     policy = tolerance_policy(tolerance, atol, rtol)
