@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import onnx
 
 from normdeploy import __version__, census
@@ -50,10 +49,11 @@ from normdeploy.verification.compare import (
     compare_graphs,
     compare_outputs,
     failed_check,
+    pooled_floors,
 )
 from normdeploy.verification.feeds import make_feeds
-from normdeploy.verification.results import worst
-from normdeploy.verification.runners import CPU, OrtRunner, module_outputs
+from normdeploy.verification.results import fmt_margin, worst
+from normdeploy.verification.runners import CPU, OrtRunner, TorchRunner, module_outputs
 
 if TYPE_CHECKING:
     import torch
@@ -187,24 +187,20 @@ class ExportResult:
             for c in group.checks:
                 comp = c.comparison
                 if comp.max_abs is None:
-                    rows.append(
-                        [
-                            str(group.batch_size),
-                            comp.name,
-                            "-",
-                            "-",
-                            "-",
-                            f"FAIL: {comp.detail}",
-                        ]
-                    )
+                    fail = f"FAIL: {comp.detail}"
+                    rows.append([str(group.batch_size), comp.name, *["-"] * 6, fail])
                     continue
                 rows.append([
-                    str(group.batch_size), comp.name, fmt_num(comp.max_abs), fmt_num(comp.max_rel),
-                    f"atol={comp.atol:g} rtol={comp.rtol:g}", "ok" if comp.passed else "FAIL",
+                    str(group.batch_size), comp.name, c.input_shapes or "-",
+                    fmt_num(comp.max_abs), fmt_num(comp.error), fmt_num(comp.floor_used),
+                    fmt_num(comp.ratio), fmt_margin(comp), "ok" if comp.passed else "FAIL",
                 ])  # fmt: skip
         return rows
 
-    _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
+    _CHECK_HEADERS = (
+        "batch", "output", "inputs", "max abs", "error e", "floor f", "e/f", "margin",
+        "result",
+    )  # fmt: skip
 
     def _summary_pairs(self) -> list[tuple[str, str]]:
         timing = ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items())
@@ -439,43 +435,63 @@ def _batch_checks(
     eval_module: torch.nn.Module,
     batch_sizes: tuple[int, ...],
     seed: int,
-) -> tuple[BatchCheck, ...]:
-    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size."""
+) -> tuple[tuple[BatchCheck, ...], list[str]]:
+    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size, judged by the
+    tolerance policy against a float64 copy of the module; and notes."""
     import torch
 
     specs = graph_input_specs(model)
+    names = [s.name for s in specs]
     runner = OrtRunner(model, CPU)
-    groups = []
+    outputs = runner.output_names
+    eval32 = TorchRunner(eval_module, names, outputs)
+    eval64: TorchRunner | None = TorchRunner(eval_module, names, outputs, dtype=torch.float64)
+    notes: list[str] = []
+    done: list[tuple[int, str, dict[str, Any], Any, Any, str]] = []
+    failed: dict[int, Check] = {}
     for batch in batch_sizes:
         feeds = make_feeds(specs, batch, seed)
         label = f"b{batch}/seed{seed}"
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         try:
             actual = runner.infer(feeds)
         except Exception as exc:
-            failed = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
-            groups.append(BatchCheck(batch, (failed,)))
+            failed[batch] = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
             continue
-        args = [torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values()]
         try:
-            torch_outputs = module_outputs(eval_module, args)
+            expected = eval32.infer(feeds)
+        except InvalidArgumentError as exc:  # another number of outputs than the graph
+            failed[batch] = failed_check(REFERENCE, CPU, label, "output matching", exc, batch)
+            continue
         except Exception as exc:
-            failed = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
-            groups.append(BatchCheck(batch, (failed,)))
+            failed[batch] = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
             continue
-        if len(torch_outputs) != len(actual):
-            failed = failed_check(
-                REFERENCE, CPU, label, "output matching",
-                f"{len(actual)} ONNX outputs vs {len(torch_outputs)} PyTorch outputs", batch,
-            )  # fmt: skip
-            groups.append(BatchCheck(batch, (failed,)))
+        truth = None
+        if eval64 is not None:
+            try:
+                truth = eval64.infer(feeds)
+            except Exception as exc:  # no float64 copy: the nominal floor applies
+                notes.append(f"the float64 copy of the module fails: {first_line(exc, 160)}")
+                eval64 = None
+        done.append((batch, label, expected, actual, truth, shapes))
+    floors = (
+        pooled_floors([d[2] for d in done], [d[4] for d in done])
+        if done and all(d[4] is not None for d in done)
+        else None
+    )
+    groups = []
+    for batch in batch_sizes:
+        if batch in failed:
+            groups.append(BatchCheck(batch, (failed[batch],)))
             continue
-        expected = dict(zip(actual, torch_outputs, strict=True))
+        _, label, expected, actual, truth, shapes = next(d for d in done if d[0] == batch)
         checks = compare_outputs(
             expected, actual, kind=REFERENCE, provider=CPU, inputs=label,
             policy=DEFAULT_POLICY, batch_size=batch, suffix=f"@b{batch}",
+            truth=truth if floors is not None else None, floors=floors, input_shapes=shapes,
         )  # fmt: skip
         groups.append(BatchCheck(batch, tuple(checks)))
-    return tuple(groups)
+    return tuple(groups), notes
 
 
 def _validate(exporter: str, opset: int) -> None:
@@ -616,7 +632,8 @@ def export(
             notes.append(f"onnxsim result discarded: {simplified.note}")
 
     start = time.perf_counter()
-    checks = _batch_checks(model, eval_module, batch_sizes, seed)
+    checks, check_notes = _batch_checks(model, eval_module, batch_sizes, seed)
+    notes += check_notes
     timings["check"] = time.perf_counter() - start
 
     start = time.perf_counter()

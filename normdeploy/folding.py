@@ -22,11 +22,13 @@ from onnx import external_data_helper
 
 from normdeploy.errors import InvalidModelError, OutputPathError, VerificationFailed
 from normdeploy.io import check_output_path, read_onnx, save_model_streaming, save_onnx
+from normdeploy.onnx_graph import graph_input_specs
 from normdeploy.passes import FOLDED, KEPT, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
-from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.report import markdown_table, text_table
 from normdeploy.verification.compare import Check, compare_graphs
-from normdeploy.verification.results import worst
+from normdeploy.verification.float64 import Float64Graph
+from normdeploy.verification.results import describe_verdict, worst
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,11 @@ class FoldResult:
         assert culprit is not None
         comp = culprit.comparison
         status = "PASS" if self.verified else "FAIL"
+        shapes = "; ".join(dict.fromkeys(c.input_shapes for c in self.verification))
         return (
             f"{status}: {self._verb} vs original on onnxruntime CPU (optimizations off), "
-            f"{len(self.verification)} output(s) × batch sizes, worst '{comp.name}' "
-            f"max |Δ| = {fmt_num(comp.max_abs)} (atol={comp.atol:g}, rtol={comp.rtol:g})"
+            f"{len(self.verification)} check(s) on {shapes or 'the stress inputs'}; worst "
+            f"'{comp.name}': {describe_verdict(comp)}"
             + (f"; {comp.detail}" if comp.detail else "")
         )
 
@@ -152,11 +155,7 @@ def _raise_if_failed(result: FoldResult, what: str) -> None:
         culprit = worst(result.verification)
         assert culprit is not None
         comp = culprit.comparison
-        measured = (
-            f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
-            if comp.max_abs is not None
-            else comp.detail
-        )
+        measured = describe_verdict(comp) if comp.max_abs is not None else comp.detail
         raise VerificationFailed(
             f"{result.source}: {result.pass_name} output differs from the original on output "
             f"'{comp.name}' ({measured}); {what}",
@@ -205,13 +204,19 @@ def run_pass(
         loaded = read_onnx(model)
         source, original, work = str(loaded.path), loaded.path, loaded.model
     timings["load"] = time.perf_counter() - start
+    # The float64 reference is made before the pass rewrites the proto (inplace, or a file's).
+    truth = Float64Graph.of(work) if verify else None
     start = time.perf_counter()
     done = graph_pass(work, source)
     timings[graph_pass.stage] = time.perf_counter() - start
     checks = None
     if verify:
         start = time.perf_counter()
-        checks = compare_graphs(original, done.model, seed=seed) if done.modified else ()
+        checks = (
+            compare_graphs(original, done.model, seed=seed, truth=truth)
+            if done.modified
+            else ()
+        )
         timings["verify"] = time.perf_counter() - start
     result = _result(graph_pass, done, source, checks, timings)
     _raise_if_failed(result, "rewritten in place" if inplace else "the input was not changed")
@@ -272,6 +277,8 @@ def run_pass_on_file(
         _check_data_file(loaded.path, out)
     source = str(loaded.path)
     timings["load"] = time.perf_counter() - start
+    specs = graph_input_specs(loaded.model)
+    truth = Float64Graph.of(loaded.model) if verify else None
     start = time.perf_counter()
     done = graph_pass(loaded.model, source)
     timings[graph_pass.stage] = time.perf_counter() - start
@@ -284,7 +291,11 @@ def run_pass_on_file(
         timings["save"] = time.perf_counter() - start
         if verify:
             start = time.perf_counter()
-            checks = compare_graphs(loaded.path, staged, seed=seed) if done.modified else ()
+            checks = (
+                compare_graphs(loaded.path, staged, seed=seed, truth=truth, specs=specs)
+                if done.modified
+                else ()
+            )
             timings["verify"] = time.perf_counter() - start
         result = _result(graph_pass, done, source, checks, timings)
         _raise_if_failed(result, f"{out} not written")

@@ -9,9 +9,10 @@ caller's module keeps its mode and its BatchNorm statistics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -210,23 +211,29 @@ class TorchRunner:
     """Runs a deep copy of ``module`` in eval mode, no_grad, on ``device``: ``infer(feeds)``.
 
     Inputs are taken from ``feeds`` in ``input_names`` order; floating inputs are cast to the
-    module's parameter dtype. Outputs are named by position with ``output_names``.
+    module's parameter dtype. Outputs are named by position with ``output_names``. With
+    ``dtype`` (``torch.float64`` for ground truth) the copy's floating parameters and buffers
+    are converted to it and tensors the forward creates default to it.
     """
 
     module: torch.nn.Module
     input_names: Sequence[str]
     output_names: Sequence[str] | None = None
     device: str = "cpu"
+    dtype: torch.dtype | None = None
     _model: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._model = copy.deepcopy(self.module).eval().to(self.device)
+        model = copy.deepcopy(self.module).eval()
+        if self.dtype is not None:
+            model = model.to(self.dtype)
+        self._model = model.to(self.device)
 
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
         import torch
 
-        dtype = module_float_dtype(self._model)
+        dtype = self.dtype or module_float_dtype(self._model)
         out = []
         for name in self.input_names:
             t = torch.from_numpy(np.ascontiguousarray(feeds[name]))
@@ -236,7 +243,8 @@ class TorchRunner:
         return out
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = module_outputs(self._model, self.args(feeds))
+        with default_dtype(self.dtype):
+            arrays = module_outputs(self._model, self.args(feeds))
         names = list(self.output_names or [f"output_{i}" for i in range(len(arrays))])
         if len(names) != len(arrays):
             raise InvalidArgumentError(
@@ -244,3 +252,20 @@ class TorchRunner:
                 f"{len(names)} output(s) ({', '.join(names)}); are these the same model?"
             )
         return dict(zip(names, arrays, strict=True))
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default floating dtype set to float64 inside the block when ``dtype`` is
+    float64: a float64 forward also makes the tensors it creates itself in float64."""
+    import torch
+
+    if dtype is not torch.float64:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
