@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +51,7 @@ from normdeploy.verification.compare import (
     failed_check,
     pooled_floors,
 )
-from normdeploy.verification.feeds import make_feeds
+from normdeploy.verification.feeds import batch_axes, make_feeds
 from normdeploy.verification.results import fmt_margin, worst
 from normdeploy.verification.runners import CPU, OrtRunner, TorchRunner, module_outputs
 
@@ -282,18 +282,47 @@ def _input_names(module: torch.nn.Module, count: int) -> list[str]:
     return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
 
 
-def _trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> tuple[Any, ...]:
-    """Example inputs; batch-1 tensors repeated to batch 2 so the batch dim stays symbolic."""
+Axes = tuple[int | None, ...]  # per example input: its batch axis, None when not dynamic
+
+
+def _batch_axes(
+    module: torch.nn.Module,
+    args: Sequence[Any],
+    dynamic_batch: bool,
+    batch_axis: int | Mapping[str, int] | None,
+) -> Axes:
+    """The dynamic batch axis of every example input (``batch_axis``: one for all, or by the
+    forward's parameter name; default 0); None for non-tensors and when not dynamic."""
     import torch
 
-    if not dynamic_batch:
-        return tuple(example_inputs)
-    return tuple(
-        x.repeat(_TRACE_BATCH, *([1] * (x.dim() - 1)))
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1
-        else x
-        for x in example_inputs
-    )
+    names = _input_names(module, len(args))
+    if isinstance(batch_axis, Mapping) and (unknown := sorted(set(batch_axis) - set(names))):
+        raise InvalidArgumentError(
+            f"batch_axis: no input named {', '.join(map(repr, unknown))} "
+            f"(inputs: {', '.join(names)})"
+        )
+    axes: list[int | None] = []
+    for name, x in zip(names, args, strict=True):
+        if not dynamic_batch or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            axes.append(None)
+            continue
+        axis = batch_axis.get(name, 0) if isinstance(batch_axis, Mapping) else batch_axis or 0
+        if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < x.dim():
+            raise InvalidArgumentError(
+                f"batch_axis: {axis!r} is not an axis of input '{name}' (shape {_shapes([x])})"
+            )
+        axes.append(axis)
+    return tuple(axes)
+
+
+def _trace_inputs(example_inputs: Sequence[Any], axes: Axes) -> tuple[Any, ...]:
+    """Example inputs; a batch of 1 repeated to 2 so the batch dim stays symbolic."""
+    out = []
+    for x, axis in zip(example_inputs, axes, strict=True):
+        if axis is not None and x.shape[axis] == 1:
+            x = x.repeat(*[_TRACE_BATCH if i == axis else 1 for i in range(x.dim())])
+        out.append(x)
+    return tuple(out)
 
 
 def _shapes(args: Sequence[Any]) -> str:
@@ -303,16 +332,14 @@ def _shapes(args: Sequence[Any]) -> str:
 
 
 def _export_dynamo(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
 ) -> onnx.ModelProto:
     import torch
 
     dynamic_shapes = None
-    if dynamic_batch:
+    if any(a is not None for a in axes):
         batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple(
-            {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in args
-        )
+        dynamic_shapes = tuple(None if a is None else {a: batch} for a in axes)
     program = torch.onnx.export(
         module,
         args,
@@ -344,16 +371,22 @@ def _export_dynamo(
 
 
 def _export_torchscript(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
 ) -> onnx.ModelProto:
     import torch
 
     n_out = len(module_outputs(module, args))
     input_names = _input_names(module, len(args))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    if any(a is not None for a in axes):
+        dynamic_axes = {
+            n: {a: "batch"} for n, a in zip(input_names, axes, strict=True) if a is not None
+        }
+        # Outputs carry the batch where the inputs do when they agree on one axis.
+        shared = {a for a in axes if a is not None}
+        out_axis = shared.pop() if len(shared) == 1 else 0
+        dynamic_axes.update({n: {out_axis: "batch"} for n in output_names})
     buffer = io.BytesIO()
     torch.onnx.export(
         module,
@@ -370,12 +403,13 @@ def _export_torchscript(
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _static_batch_inputs(model: onnx.ModelProto) -> list[str]:
-    """Graph inputs whose first dim is a fixed number (the exporter specialized the batch)."""
+def _static_batch_inputs(model: onnx.ModelProto, axes: Axes) -> list[str]:
+    """Graph inputs whose batch dim is a fixed number (the exporter specialized the batch)."""
+    dynamic = [a for a in axes if a is not None]
     return [
         f"{s.name}{list(s.shape)}"
-        for s in graph_input_specs(model)
-        if s.shape and isinstance(s.shape[0], int)
+        for s, axis in zip(graph_input_specs(model), dynamic, strict=False)
+        if len(s.shape) > axis and isinstance(s.shape[axis], int)
     ]
 
 
@@ -449,8 +483,9 @@ def _batch_checks(
     notes: list[str] = []
     done: list[tuple[int, str, dict[str, Any], Any, Any, str]] = []
     failed: dict[int, Check] = {}
+    axes = batch_axes(specs)  # the graph's dims named "batch"
     for batch in batch_sizes:
-        feeds = make_feeds(specs, batch, seed)
+        feeds = make_feeds(specs, batch, seed, axes=axes)
         label = f"b{batch}/seed{seed}"
         shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         try:
@@ -535,14 +570,15 @@ def _run_exporter(
     eval_module: torch.nn.Module,
     trace_args: tuple[Any, ...],
     opset: int,
-    dynamic_batch: bool,
+    axes: Axes,
     name: str,
 ) -> onnx.ModelProto:
     """The exporter's graph, checked for the requested opset and a symbolic batch."""
     export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
+    dynamic_batch = any(a is not None for a in axes)
     try:
         with exporter_quiet(logger.isEnabledFor(logging.INFO)):
-            model = export_fn(eval_module, trace_args, opset, dynamic_batch)
+            model = export_fn(eval_module, trace_args, opset, axes)
     except ExportError:
         raise
     except Exception as exc:
@@ -558,7 +594,7 @@ def _run_exporter(
             "(its version conversion failed); use opset=18 or higher, or "
             "exporter='torchscript'"
         )
-    if dynamic_batch and (fixed := _static_batch_inputs(model)):
+    if dynamic_batch and (fixed := _static_batch_inputs(model, axes)):
         raise ExportError(
             f"{exporter} exporter specialized the batch dimension of {name} "
             f"(inputs {', '.join(fixed)}); export with dynamic_batch=False or another exporter"
@@ -574,6 +610,7 @@ def export(
     opset: int | None = None,
     exporter: str | None = None,
     dynamic_batch: bool = True,
+    batch_axis: int | Mapping[str, int] | None = None,
     simplify: bool | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
@@ -582,8 +619,10 @@ def export(
 ) -> ExportResult:
     """Export ``module`` in eval mode to ``path``, check it in onnxruntime, and take its census.
 
+    The dynamic batch dim (named ``batch``) is axis 0 of every tensor input unless
+    ``batch_axis`` says another (one for all, or by the forward's parameter name).
     ``simplify=None`` runs onnxsim after the TorchScript exporter only. The result is falsy when
-    onnxruntime disagrees with PyTorch eval beyond the default tolerances.
+    onnxruntime disagrees with PyTorch eval beyond the tolerance policy.
     """
     import torch
 
@@ -604,10 +643,11 @@ def export(
     train = training_report(module, args)
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
-    trace_args = _trace_inputs(args, dynamic_batch)
+    axes = _batch_axes(module, args, dynamic_batch, batch_axis)
+    trace_args = _trace_inputs(args, axes)
 
     start = time.perf_counter()
-    model = _run_exporter(exporter, eval_module, trace_args, opset, dynamic_batch, name)
+    model = _run_exporter(exporter, eval_module, trace_args, opset, axes, name)
     timings["export"] = time.perf_counter() - start
     _set_metadata(model, {
         "source_model": source or name,
@@ -621,7 +661,8 @@ def export(
     batch_sizes: tuple[int, ...] = CHECK_BATCH_SIZES
     if not dynamic_batch:
         specs = graph_input_specs(model)
-        first = specs[0].shape[0] if specs and specs[0].shape else None
+        axis = batch_axis if isinstance(batch_axis, int) else 0
+        first = specs[0].shape[axis] if specs and len(specs[0].shape) > axis else None
         batch_sizes = (first if isinstance(first, int) else 1,)
     simplified = SimplifyOutcome(False)
     if (exporter == "torchscript") if simplify is None else simplify:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
     from normdeploy.exporting import ExportResult
     from normdeploy.folding import FoldResult
+    from normdeploy.verification.feeds import BatchAxis
     from normdeploy.verification.results import VerifyResult
 
 STAGES = ("export", "fold-bn", "verify")
@@ -283,10 +284,14 @@ def _run_verify(
     model_path: Path,
     providers: Sequence[str],
     batch_sizes: Sequence[int],
+    batch_axis: BatchAxis | None,
 ) -> VerifyResult:
     from normdeploy.verification.verifier import verify
 
-    return verify(module, model_path, providers=providers, batch_sizes=tuple(batch_sizes))
+    return verify(
+        module, model_path, providers=providers, batch_sizes=tuple(batch_sizes),
+        batch_axis=batch_axis,
+    )  # fmt: skip
 
 
 def deploy(
@@ -299,6 +304,7 @@ def deploy(
     batch_sizes: Sequence[int] = (1, 3),
     weights: str | os.PathLike[str] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
+    batch_axis: BatchAxis | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
 ) -> DeployResult:
@@ -341,6 +347,7 @@ def deploy(
                     Path(tmp) / "exported.onnx",
                     opset=opset,
                     exporter=exporter,
+                    batch_axis=batch_axis,
                     model_name=resolved.name,
                     source=resolved.source,
                 )
@@ -359,7 +366,7 @@ def deploy(
             stage = "verify"
             with progress.stage(model, "verify", timings):
                 state["verification"] = _run_verify(
-                    resolved.module, final, list(choice.providers), batch_sizes
+                    resolved.module, final, list(choice.providers), batch_sizes, batch_axis
                 )
         result = DeployResult(model, out, timings=timings, **state)
     except NormdeployError as exc:

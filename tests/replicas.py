@@ -22,7 +22,10 @@ the same builders serve the library tests, the CLI tests (``tests.replicas:dense
 
 from __future__ import annotations
 
+import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 
@@ -123,7 +126,9 @@ class RepVggBlock(nn.Module):
 
 
 class RepVggLike(nn.Module):
-    def __init__(self, widths=(8, 12, 16, 24), depths=(1, 2, 4, 1), classes: int = 100) -> None:
+    def __init__(
+        self, widths=(8, 12, 16, 24), depths=(1, 2, 4, 1), classes: int = 100
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = [RepVggBlock(3, widths[0], 2)]
         cin = widths[0]
@@ -367,6 +372,34 @@ class TokenDictModel(nn.Module):
 def token_dict_model(seed: int = 0):
     _seeded(seed)
     return TokenDictModel().eval(), (torch.randint(0, 4, (1, 6)),)
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+def weight_tensors(model: onnx.ModelProto) -> list[str]:
+    """Floating initializers of rank ≥ 2, in the order the graph first reads them."""
+    inits = {t.name: t for t in model.graph.initializer}
+    order: list[str] = []
+    for node in model.graph.node:
+        for name in node.input:
+            t = inits.get(name)
+            float_matrix = t is not None and t.data_type == onnx.TensorProto.FLOAT
+            if float_matrix and len(t.dims) >= 2 and name not in order:
+                order.append(name)
+    return order
+
+
+def plant_noise(model: onnx.ModelProto, name: str, seed: int) -> onnx.ModelProto:
+    """A copy with seeded noise of 1e-4·std added to one weight tensor."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    init = next(t for t in out.graph.initializer if t.name == name)
+    w = numpy_helper.to_array(init).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    noisy = w + rng.standard_normal(w.shape) * 1e-4 * float(w.std())
+    init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), name))
+    return out
 
 
 ALL = {

@@ -6,11 +6,13 @@ import argparse
 import sys
 
 from normdeploy.cli._options import (
+    add_batch_axis,
     add_input_shape,
     add_output_options,
     emit,
     input_shapes,
     parse_batch_sizes,
+    parse_named,
 )
 from normdeploy.errors import InvalidArgumentError
 
@@ -35,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", default="1,3", help="batch sizes to verify (default 1,3)")
     p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
     add_input_shape(p, "e.g. 1x3x224x224")
+    add_batch_axis(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_output_options(p, report=False, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
@@ -56,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
         "progress": Progress(enabled=not args.quiet),
     }
     if args.all_reference:
-        if args.weights or args.input_shape:
+        if args.weights or args.input_shape or args.batch_axis:
             raise InvalidArgumentError(
-                "--weights/--input-shape go with one MODEL, not --all-reference"
+                "--weights/--input-shape/--batch-axis go with one MODEL, not --all-reference"
             )
         summary = deploy_many(reference_registry().names(), args.output, **options)
         failed = summary.failed
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
             args.output,
             weights=args.weights,
             input_shapes=input_shapes(args),
+            batch_axis=parse_named(args.batch_axis, "--batch-axis", int, "an integer"),
             **options,
         )
         failed = [] if result else [result.model_name]
