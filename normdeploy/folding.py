@@ -30,6 +30,10 @@ from normdeploy.verification.compare import Check, compare_graphs
 from normdeploy.verification.float64 import Float64Graph
 from normdeploy.verification.results import describe_verdict, worst
 
+# A fold is per-channel arithmetic: one batch > 1 proves it as well as several, and each
+# onnxruntime run of a large graph costs as much as reading it (BENCHMARKS.md, fold-bn).
+CHECK_BATCH_SIZES = (2,)
+
 
 @dataclass(frozen=True)
 class FoldResult:
@@ -213,7 +217,9 @@ def run_pass(
     if verify:
         start = time.perf_counter()
         checks = (
-            compare_graphs(original, done.model, seed=seed, truth=truth)
+            compare_graphs(
+                original, done.model, seed=seed, truth=truth, batch_sizes=CHECK_BATCH_SIZES
+            )
             if done.modified
             else ()
         )
@@ -292,7 +298,14 @@ def run_pass_on_file(
         if verify:
             start = time.perf_counter()
             checks = (
-                compare_graphs(loaded.path, staged, seed=seed, truth=truth, specs=specs)
+                compare_graphs(
+                    loaded.path,
+                    staged,
+                    seed=seed,
+                    truth=truth,
+                    specs=specs,
+                    batch_sizes=CHECK_BATCH_SIZES,
+                )
                 if done.modified
                 else ()
             )

@@ -390,14 +390,16 @@ def weight_tensors(model: onnx.ModelProto) -> list[str]:
     return order
 
 
-def plant_noise(model: onnx.ModelProto, name: str, seed: int) -> onnx.ModelProto:
-    """A copy with seeded noise of 1e-4·std added to one weight tensor."""
+def plant_noise(
+    model: onnx.ModelProto, name: str, seed: int, scale: float = 1e-4
+) -> onnx.ModelProto:
+    """A copy with seeded noise of ``scale``·std added to one weight tensor."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     init = next(t for t in out.graph.initializer if t.name == name)
     w = numpy_helper.to_array(init).astype(np.float64)
     rng = np.random.default_rng(seed)
-    noisy = w + rng.standard_normal(w.shape) * 1e-4 * float(w.std())
+    noisy = w + rng.standard_normal(w.shape) * scale * float(w.std())
     init.CopyFrom(numpy_helper.from_array(noisy.astype(np.float32), name))
     return out
 

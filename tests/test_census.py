@@ -16,6 +16,7 @@ from normdeploy.census import DECOMPOSED_LAYERNORM, DECOMPOSITION, GROUPNORM_TRI
 from normdeploy.cli import main
 from normdeploy.errors import InputFileError
 from normdeploy.exporting import exporter_quiet
+from tests import replicas
 
 
 def decomposed_layernorm(dtype: int = TensorProto.FLOAT, eps: float = 1e-5) -> onnx.ModelProto:
@@ -234,3 +235,22 @@ def test_cli_inspect_with_module_and_report(tmp_path, capsys):
     assert path.read_bytes() == before  # the input is never modified
     assert main(["inspect", str(path), "--format", "markdown"]) == 0
     assert "### Norm census" in capsys.readouterr().out
+
+
+def test_a_norm_subclass_the_oracle_does_not_model_is_confirmed_against_pytorch_only(
+    replica_deploys,
+):
+    """timm's BatchNormAct2d (BatchNorm2d whose forward also applies ReLU): the plain BatchNorm
+    oracle would compare a post-ReLU value with a pre-ReLU formula and fail every module."""
+    module, (x,) = replicas.densenet_like()
+    graph = replica_deploys["densenet_like"][1] / "model.onnx"
+    census = inspect(graph, module=module, example_inputs=(x.repeat(2, 1, 1, 1),))
+    acts = [e for e in census.entries if e.module_class == "BatchNormAct2d"]
+    assert len(acts) == 17 and census.passed
+    for entry in acts:
+        assert entry.vs_torch is not None and entry.vs_torch.passed and entry.vs_oracle is None
+        assert (
+            "confirmed against PyTorch only: BatchNormAct2d overrides forward()" in entry.note
+        )
+    assert "17 modules (features.1, …): confirmed against PyTorch only" in census.to_text()
+    assert "ok (PyTorch only)" in census.to_text()

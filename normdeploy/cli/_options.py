@@ -103,7 +103,7 @@ def parse_named(
             named[key] = convert(value.strip())
         except ValueError:
             raise InvalidArgumentError(
-                f"{flag}: '{text}' is not {what} or NAME={what}"
+                f"{flag}: '{text}' must be X or NAME=X with X {what}"
             ) from None
     if list(named) == ["*"]:
         return named["*"]

@@ -116,7 +116,7 @@ class VerifyResult:
         culprit = worst(self.failures)
         if culprit is not None:
             comp = culprit.comparison
-            measured = "" if comp.max_abs is None else f": max|Δ| {fmt_num(comp.max_abs)}"
+            measured = "" if comp.max_abs is None else f": {describe_verdict(comp)}"
             parts.append(
                 f"{len(self.failures)} check(s) failed ({', '.join(kinds)}); worst "
                 f"{comp.name} on {provider_alias(culprit.provider)}{measured}"
