@@ -19,6 +19,7 @@ import fold_bn_bench
 import latency_bench
 import norm_repr_bench
 import overhead_bench
+import tolerance_bench
 from _common import machine_line
 
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
@@ -26,6 +27,7 @@ BENCHES: dict[str, Callable[[list[str] | None], int]] = {
     "latency": latency_bench.main,
     "norms": norm_repr_bench.main,
     "overhead": overhead_bench.main,
+    "tolerance": tolerance_bench.main,
 }
 
 
@@ -40,6 +42,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
         "norms": ["--rounds", rounds],
         "overhead": ["--repeats", str(repeats or (5 if full else 3))]
         + ([] if full else ["--models", "resnet_mini", "groupnorm32_cnn"]),
+        "tolerance": ["--seeds", "4" if full else "2"],
     }
 
 

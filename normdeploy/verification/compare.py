@@ -241,13 +241,22 @@ def _describe(
     }
 
 
-def _empty(
-    name: str, a: np.ndarray, rule: str, atol: float = 0.0, rtol: float = 0.0
-) -> ArrayComparison:
-    return ArrayComparison(
-        name, tuple(a.shape), str(a.dtype), 0.0, 0.0, 0.0, 1.0, (), None, None, atol, rtol,
-        True, 0.0, "", rule, 0.0, None, None, None, 0.0,
-    )  # fmt: skip
+def _trivial(
+    name: str, e: np.ndarray, a: np.ndarray, rule: str, atol: float = 0.0, rtol: float = 0.0
+) -> ArrayComparison | None:
+    """The comparison when there is nothing to measure: a shape mismatch (fails) or empty
+    arrays (pass); None otherwise."""
+    if e.shape != a.shape:
+        return _unmeasured(
+            name, tuple(a.shape), str(a.dtype),
+            f"shape mismatch: expected {tuple(e.shape)}, got {tuple(a.shape)}", rule,
+        )  # fmt: skip
+    if e.size == 0:
+        return ArrayComparison(
+            name, tuple(a.shape), str(a.dtype), 0.0, 0.0, 0.0, 1.0, (), None, None, atol, rtol,
+            True, 0.0, "", rule, 0.0, None, None, None, 0.0,
+        )  # fmt: skip
+    return None
 
 
 def compare_arrays(
@@ -263,13 +272,8 @@ def compare_arrays(
     e is reported beside it."""
     e = np.asarray(expected)
     a = np.asarray(actual)
-    if e.shape != a.shape:
-        return _unmeasured(
-            name, tuple(a.shape), str(a.dtype),
-            f"shape mismatch: expected {tuple(e.shape)}, got {tuple(a.shape)}", rule,
-        )  # fmt: skip
-    if e.size == 0:
-        return _empty(name, a, rule, tolerance.atol, tolerance.rtol)
+    if (early := _trivial(name, e, a, rule, tolerance.atol, tolerance.rtol)) is not None:
+        return early
     e64, a64 = e.astype(np.float64), a.astype(np.float64)
     both = np.isfinite(e64) & np.isfinite(a64)
     diff = np.where(both, np.abs(a64 - e64), 0.0)
@@ -313,13 +317,8 @@ def compare_scaled(
     e = np.asarray(expected)
     a = np.asarray(actual)
     rule = FLOAT64 if truth is not None else (FLOAT64_FLOOR if floor is not None else NOMINAL)
-    if e.shape != a.shape:
-        return _unmeasured(
-            name, tuple(a.shape), str(a.dtype),
-            f"shape mismatch: expected {tuple(e.shape)}, got {tuple(a.shape)}", rule,
-        )  # fmt: skip
-    if e.size == 0:
-        return _empty(name, a, rule)
+    if (early := _trivial(name, e, a, rule)) is not None:
+        return early
     e64, a64 = e.astype(np.float64), a.astype(np.float64)
     t64 = e64 if truth is None else np.asarray(truth, np.float64)
     if t64.shape != e64.shape:
