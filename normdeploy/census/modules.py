@@ -340,4 +340,6 @@ def module_entries(
             notes.append(
                 f"onnxruntime could not run the graph with exposed values: {first_line(exc)}"
             )
+    if values:
+        notes.append(f"numerical confirmation ran on {label}")
     return [_confirm(p, values, trace, exact, policy, label) for p in plans], notes

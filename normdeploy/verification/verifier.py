@@ -490,6 +490,39 @@ def _reference_checks(
     return checks
 
 
+def _recorded_sets(
+    run: RecordedRun,
+) -> tuple[list[FeedSet], FeedSet | None, FeedSet | None, FeedSet | None]:
+    """(checked sets, batched set, alone set, the alone set when it ran only for that check)."""
+    sets = [s.feed_set for s in run.sets if s.role == CHECK]
+    extra = next((s.feed_set for s in run.sets if s.role == ALONE), None)
+    batched = next((f for f in sets if f.label == run.batch.batched), None)
+    alone = extra or next((f for f in sets if f.label == run.batch.alone), None)
+    return sets, batched, alone, extra
+
+
+def _plan_with_coupling(
+    ref: _Reference,
+    batched: _SetRun,
+    alone: _SetRun,
+    output_axes: dict[str, int],
+    pairing: OutputPairing | None,
+    policy: TolerancePolicy,
+) -> BatchPlan:
+    """The batch-independence plan, with the outputs the reference itself couples (judged on
+    its float64 truth when there is one; a saved run brings its own)."""
+    samples = alone.fs.batch_size or 1
+    if ref.recorded is not None:
+        coupled = dict(ref.recorded.batch.coupled)
+    else:
+        ref_axes = {e: output_axes.get(c, 0) for e, c in (pairing.pairs if pairing else ())}
+        side_b = batched.truth or batched.expected.get(CPU) or {}
+        side_a = alone.truth or alone.expected.get(CPU) or {}
+        judge = TolerancePolicy(k=policy.k)  # the reference's own noise, no overrides
+        coupled = _coupling(side_b, side_a, ref_axes, samples, judge) if side_a else {}
+    return BatchPlan(batched.fs.label, alone.fs.label, samples, output_axes, coupled)
+
+
 def _batch_checks(
     batched: _SetRun,
     alone: _SetRun,
@@ -608,6 +641,9 @@ def verify(
                 f"{ref.label}: recorded inputs {', '.join(reference.inputs)} are not the "
                 f"graph's ({', '.join(s.name for s in specs)})"
             )
+        if inputs is not None:
+            raise InvalidArgumentError("inputs: a saved run brings its own inputs")
+        notes.append("inputs, batch sizes and seeds are the saved run's; so are its floors")
     elif _is_onnx_reference(reference):
         ref = _onnx_reference(reference, specs, list(runners), cand_label)
     else:
@@ -619,16 +655,8 @@ def verify(
     if pairing is not None and ref.kind != "pytorch":  # PyTorch outputs have no names
         notes.append(pairing.describe())
 
-    # Input sets: recorded, or seeded stress inputs (plus user feeds).
-    plan = BatchPlan(output_axes=output_batch_axes(candidate, batch_axis))
-    extra: FeedSet | None = None
     if ref.recorded is not None:
-        sets = [s.feed_set for s in ref.recorded.sets if s.role == CHECK]
-        alone_sets = [s.feed_set for s in ref.recorded.sets if s.role == ALONE]
-        extra = alone_sets[0] if alone_sets else None
-        plan = BatchPlan(**{**ref.recorded.batch.__dict__, "coupled": {}})
-        batched_fs = next((f for f in sets if f.label == plan.batched), None)
-        alone_fs = extra or next((f for f in sets if f.label == plan.alone), None)
+        sets, batched_fs, alone_fs, extra = _recorded_sets(ref.recorded)
     else:
         dims = dim_values_from(specs, ref.examples)
         sets, feed_notes = stress_feed_sets(specs, sizes, seeds, dims, axes)
@@ -648,33 +676,25 @@ def verify(
         floors = pooled_floors([r.expected[CPU] for r in runs], [r.truth or {} for r in runs])
     checks = [c for r in runs for c in _reference_checks(r, ref, floors, policy)]
 
-    by_label = {r.fs.label: r for r in runs}
-    if extra_run is not None:
-        by_label[extra_run.fs.label] = extra_run
+    all_runs = [*runs, *([extra_run] if extra_run is not None else [])]
+    by_label = {r.fs.label: r for r in all_runs}
+    plan = BatchPlan(
+        output_axes=output_batch_axes(candidate, batch_axis)
+        if ref.recorded is None
+        else dict(ref.recorded.batch.output_axes)
+    )
     if batched_fs is None or alone_fs is None:
         notes.append("batch independence not checked: no batch size > 1 ran")
     else:
         b_run, a_run = by_label[batched_fs.label], by_label[alone_fs.label]
-        samples = alone_fs.batch_size or 1
-        if ref.recorded is not None:
-            coupled = dict(ref.recorded.batch.coupled)
-        else:
-            ref_axes = {
-                e: plan.output_axes.get(c, 0) for e, c in (pairing.pairs if pairing else ())
-            }
-            side_b = b_run.truth or b_run.expected.get(CPU) or {}
-            side_a = a_run.truth or a_run.expected.get(CPU) or {}
-            judge = TolerancePolicy(k=policy.k)  # the reference's own noise, no overrides
-            coupled = _coupling(side_b, side_a, ref_axes, samples, judge) if side_a else {}
-        plan = BatchPlan(batched_fs.label, alone_fs.label, samples, plan.output_axes, coupled)
+        plan = _plan_with_coupling(ref, b_run, a_run, plan.output_axes, pairing, policy)
         notes += [
             f"batch independence of '{name}' not checked: the reference itself couples "
             f"samples ({why})"
-            for name, why in coupled.items()
+            for name, why in plan.coupled.items()
         ]
         checks += _batch_checks(b_run, a_run, plan, pairing, floors, policy)
 
-    all_runs = [*runs, *([extra_run] if extra_run is not None else [])]
     train_mode = None
     if ref.module is not None and ref.torch32 is not None:
         big = batched_fs or sets[0]
