@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.random import default_rng
 
 from normdeploy.errors import InputFileError, InvalidArgumentError
 from normdeploy.io import check_input_file
@@ -166,7 +167,7 @@ def make_feeds(
     axes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Seeded stress inputs for every graph input (``axes``: batch axis per input name)."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return {
         s.name: stress_array(
             concrete_shape(s, batch_size, dim_values, (axes or {}).get(s.name, 0)),
@@ -181,7 +182,7 @@ def feeds_like(
     specs: Sequence[InputSpec], examples: Sequence[Any], seed: int
 ) -> dict[str, np.ndarray]:
     """Seeded stress inputs with the shapes of ``examples`` (tensors or arrays), one per spec."""
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return {
         s.name: stress_array(tuple(x.shape), s.dtype, rng)
         for s, x in zip(specs, examples, strict=True)
