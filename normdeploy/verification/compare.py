@@ -26,6 +26,8 @@ happens to compute exactly from getting a zero bound. Rules, by what is availabl
   nets, rounded up).
 - CUDA: onnxruntime enables TF32 for float32 matmuls and convolutions by default, so on CUDA the
   floor is at least :data:`CUDA_FLOOR`.
+- 16-bit candidates (a graph converted to float16 or bfloat16): f_min is the candidate dtype's
+  unit roundoff, so a float16 graph against a float32 module may be off by K·2^-11 of scale.
 - ``fixed``: an ``atol``/``rtol`` override: ``|candidate − reference| ≤ atol + rtol·|reference|``
   elementwise (numpy.allclose), for the outputs it names.
 - ``exact``: integer and bool outputs must be equal.

@@ -127,9 +127,9 @@ def tolerance_policy(
     return TolerancePolicy(atol=atol, rtol=rtol, tolerance=tolerance)
 
 
-def _check_override_names(
-    atol: Any, rtol: Any, outputs: Sequence[str]
-) -> None:  # a typo must not silently leave an output on the default rule
+def _check_override_names(atol: Any, rtol: Any, outputs: Sequence[str]) -> None:
+    """Per-output bounds must name graph outputs: a typo must not silently leave an output on
+    the default rule."""
     for what, value in (("atol", atol), ("rtol", rtol)):
         if isinstance(value, Mapping):
             unknown = sorted(n for n in value if n != "*" and n not in outputs)
