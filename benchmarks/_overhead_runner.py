@@ -87,7 +87,9 @@ def _batch_sizes(path: Path) -> tuple[int, ...]:
 
 
 def verify_parts(spec: models.ReferenceModel, module: torch.nn.Module, path: Path) -> dict:
-    """PyTorch forward (on an eval copy), ORT session creation and ORT runs, each timed."""
+    """What a user does by hand for the same verdict, each timed: the float32 and float64
+    PyTorch forwards (on eval copies), onnxruntime session creation and the ORT runs, at the
+    same batch sizes."""
     import onnxruntime as ort
 
     from normdeploy.verification.runners import session_options
@@ -99,15 +101,25 @@ def verify_parts(spec: models.ReferenceModel, module: torch.nn.Module, path: Pat
         for x in inputs:
             ref(x)
     t1 = time.perf_counter()
+    ref64 = copy.deepcopy(module).eval().double()
+    with torch.no_grad():
+        for x in inputs:
+            ref64(x.double())
+    t2 = time.perf_counter()
     sess = ort.InferenceSession(
         str(path), session_options(False), providers=["CPUExecutionProvider"]
     )
-    t2 = time.perf_counter()
+    t3 = time.perf_counter()
     name = sess.get_inputs()[0].name
     for x in inputs:
         sess.run(None, {name: np.ascontiguousarray(x.numpy())})
-    t3 = time.perf_counter()
-    return {"torch_forward": t1 - t0, "ort_session": t2 - t1, "ort_runs": t3 - t2}
+    t4 = time.perf_counter()
+    return {
+        "torch_forward": t1 - t0,
+        "torch_float64": t2 - t1,
+        "ort_session": t3 - t2,
+        "ort_runs": t4 - t3,
+    }
 
 
 def main(argv: list[str]) -> int:

@@ -124,7 +124,9 @@ def check_output(original: Path, produced: Path, expected: np.ndarray, feeds: di
     return bn_left, err
 
 
-def bench_size(size_mb: float, repeats: int, include_ours: bool) -> list[ToolResult]:
+def bench_size(
+    size_mb: float, repeats: int, include_ours: bool, only_ours: bool = False
+) -> list[ToolResult]:
     from normdeploy.onnx_graph import graph_input_specs
     from normdeploy.verification.feeds import make_feeds
 
@@ -132,6 +134,8 @@ def bench_size(size_mb: float, repeats: int, include_ours: bool) -> list[ToolRes
     out_dir = BUILD / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = tool_commands(include_ours)
+    if only_ours:
+        tools = {k: v for k, v in tools.items() if k in (LOAD_SAVE, OURS, OURS_VERIFY)}
     runs: dict[str, list[ProcessRun]] = {t: [] for t in tools}
     outputs = {t: out_dir / f"{src.stem}.{i}.onnx" for i, t in enumerate(tools)}
     for _ in range(repeats):
@@ -177,13 +181,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", type=float, default=[5, 50])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--only-ours", action="store_true", help="load+save and normdeploy fold-bn only"
+    )
     args = parser.parse_args(argv)
     include_ours = ours_available()
     if not include_ours:
         print("_normdeploy fold-bn is not available yet (cli.py fold-bn --help fails)._\n")
     for size in args.sizes:
         print(
-            table(size, bench_size(size, args.repeats, include_ours)), end="\n\n", flush=True
+            table(size, bench_size(size, args.repeats, include_ours, args.only_ours)),
+            end="\n\n",
+            flush=True,
         )
     return 0
 

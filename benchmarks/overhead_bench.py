@@ -2,7 +2,8 @@
 
 Each measurement is one cold call in a fresh process (imports and model building not counted),
 repeated and interleaved; medians are reported. The parts of a verify are: a PyTorch forward on
-an eval copy for batch sizes 1 and 3, one onnxruntime session creation, and the ORT runs.
+an eval copy for batch sizes 1 and 3, the same on a float64 copy (the ground truth the tolerance
+policy measures against), one onnxruntime session creation, and the ORT runs.
 Export's own stage timings (torch export, ORT check, census, save) are listed beside it.
 
     python benchmarks/overhead_bench.py --repeats 5
@@ -20,7 +21,7 @@ from _common import BUILD, PY, ROOT, fmt_ratio, fmt_s, markdown_table, median
 
 MODELS = ("resnet_mini", "mobilenet_mini", "transformer_preln", "groupnorm32_cnn")
 EXPORT_STAGES = ("export", "check", "census", "save")
-VERIFY_PARTS = ("torch_forward", "ort_session", "ort_runs")
+VERIFY_PARTS = ("torch_forward", "torch_float64", "ort_session", "ort_runs")
 RUNNER = str(Path(__file__).with_name("_overhead_runner.py"))
 
 
@@ -37,7 +38,10 @@ def measure(what: str, model: str, path: Path) -> dict[str, float] | str:
 
 
 def available(module: str) -> bool:
-    return (ROOT / "normdeploy" / f"{module}.py").exists()
+    """Whether normdeploy has this module or package yet."""
+    return (ROOT / "normdeploy" / f"{module}.py").exists() or (
+        ROOT / "normdeploy" / module / "__init__.py"
+    ).exists()
 
 
 def _median_of(samples: list[dict[str, float] | str], key: str = "seconds") -> float | None:
@@ -89,18 +93,22 @@ def _verify_row(model: str, parts_samples: Samples, verify_samples: Samples) -> 
     ]  # fmt: skip
 
 
-def bench(repeats: int, model_names: Sequence[str] = MODELS) -> tuple[str, str]:
+def bench(
+    repeats: int, model_names: Sequence[str] = MODELS, verify_only: bool = False
+) -> tuple[str, str]:
     out_dir = BUILD / "overhead"
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds = ["export-bare", "verify-parts"]
-    kinds += ["export-ours"] if available("exporting") else []
+    kinds += ["export-ours"] if available("exporting") and not verify_only else []
     kinds += ["verify"] if available("verification") else []
+    if verify_only:
+        kinds.remove("export-bare")
     export_rows, verify_rows = [], []
     for model in model_names:
         path = out_dir / f"{model}.onnx"
         samples: dict[str, Samples] = {k: [] for k in kinds}
         # The first bare export writes the graph that verify and its parts run.
-        samples["export-bare"].append(measure("export-bare", model, path))
+        samples.setdefault("export-bare", []).append(measure("export-bare", model, path))
         for i in range(repeats):
             for kind in kinds:
                 if kind == "export-bare" and i == 0:
@@ -121,8 +129,8 @@ def bench(repeats: int, model_names: Sequence[str] = MODELS) -> tuple[str, str]:
         export_rows,
     )  # fmt: skip
     verify_table = markdown_table(
-        ["model", "torch forward", "ORT session", "ORT runs", "sum of parts", "verify",
-         "verify / parts", "errors"],
+        ["model", "torch forward", "torch float64", "ORT session", "ORT runs",
+         "sum of parts", "verify", "verify / parts", "errors"],
         verify_rows,
     )  # fmt: skip
     return export_table, verify_table
@@ -132,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--verify-only", action="store_true", help="skip the export rows")
     args = parser.parse_args(argv)
-    export_table, verify_table = bench(args.repeats, args.models)
+    export_table, verify_table = bench(args.repeats, args.models, args.verify_only)
     print(f"#### export vs bare torch.onnx.export (cold call, median of {args.repeats})\n")
     print(export_table, end="\n\n")
     print(f"#### verify vs the sum of its parts (cold call, median of {args.repeats})\n")

@@ -21,6 +21,7 @@ import latency_bench
 import merge_bench
 import norm_repr_bench
 import overhead_bench
+import tolerance_bench
 from _common import machine_line
 
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
@@ -30,6 +31,7 @@ BENCHES: dict[str, Callable[[list[str] | None], int]] = {
     "merge": merge_bench.main,
     "norms": norm_repr_bench.main,
     "overhead": overhead_bench.main,
+    "tolerance": tolerance_bench.main,
 }
 
 
@@ -46,6 +48,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
         "norms": ["--rounds", rounds],
         "overhead": ["--repeats", str(repeats or (5 if full else 3))]
         + ([] if full else ["--models", "resnet_mini", "groupnorm32_cnn"]),
+        "tolerance": ["--seeds", "4" if full else "2"],
     }
 
 

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,10 +72,16 @@ from normdeploy.verification.compare import (
     compare_graphs,
     compare_outputs,
     failed_check,
+    pooled_floors,
 )
-from normdeploy.verification.feeds import make_feeds
-from normdeploy.verification.results import worst
-from normdeploy.verification.runners import CPU, OrtRunner, from_numpy, module_outputs
+from normdeploy.verification.feeds import batch_axes, make_feeds
+from normdeploy.verification.results import describe_verdict, fmt_margin, worst
+from normdeploy.verification.runners import (
+    CPU,
+    OrtRunner,
+    TorchRunner,
+    module_outputs,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -213,24 +219,20 @@ class ExportResult:
             for c in group.checks:
                 comp = c.comparison
                 if comp.max_abs is None:
-                    rows.append(
-                        [
-                            str(group.batch_size),
-                            comp.name,
-                            "-",
-                            "-",
-                            "-",
-                            f"FAIL: {comp.detail}",
-                        ]
-                    )
+                    fail = f"FAIL: {comp.detail}"
+                    rows.append([str(group.batch_size), comp.name, *["-"] * 6, fail])
                     continue
                 rows.append([
-                    str(group.batch_size), comp.name, fmt_num(comp.max_abs), fmt_num(comp.max_rel),
-                    f"atol={comp.atol:g} rtol={comp.rtol:g}", "ok" if comp.passed else "FAIL",
+                    str(group.batch_size), comp.name, c.input_shapes or "-",
+                    fmt_num(comp.max_abs), fmt_num(comp.error), fmt_num(comp.floor_used),
+                    fmt_num(comp.ratio), fmt_margin(comp), "ok" if comp.passed else "FAIL",
                 ])  # fmt: skip
         return rows
 
-    _CHECK_HEADERS = ("batch", "output", "max abs", "max rel", "tolerance", "result")
+    _CHECK_HEADERS = (
+        "batch", "output", "inputs", "max abs", "error e", "floor f", "e/f", "margin",
+        "result",
+    )  # fmt: skip
 
     def failure_line(self) -> str:
         """One line for a failed export: the first failing check's cause and what was kept."""
@@ -240,8 +242,7 @@ class ExportResult:
             why = (
                 comp.detail
                 if comp.max_abs is None
-                else f"output '{comp.name}' differs from PyTorch eval by {fmt_num(comp.max_abs)}"
-                f" (atol={comp.atol:g}, rtol={comp.rtol:g})"
+                else f"output '{comp.name}' differs from PyTorch eval: {describe_verdict(comp)}"
             )
         else:
             why = "the census's numerical confirmation failed"
@@ -343,18 +344,47 @@ def _input_names(module: torch.nn.Module, count: int) -> list[str]:
     return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
 
 
-def _trace_inputs(example_inputs: Sequence[Any], dynamic_batch: bool) -> tuple[Any, ...]:
-    """Example inputs; batch-1 tensors repeated to batch 2 so the batch dim stays symbolic."""
+Axes = tuple[int | None, ...]  # per example input: its batch axis, None when not dynamic
+
+
+def _batch_axes(
+    module: torch.nn.Module,
+    args: Sequence[Any],
+    dynamic_batch: bool,
+    batch_axis: int | Mapping[str, int] | None,
+) -> Axes:
+    """The dynamic batch axis of every example input (``batch_axis``: one for all, or by the
+    forward's parameter name; default 0); None for non-tensors and when not dynamic."""
     import torch
 
-    if not dynamic_batch:
-        return tuple(example_inputs)
-    return tuple(
-        x.repeat(_TRACE_BATCH, *([1] * (x.dim() - 1)))
-        if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == 1
-        else x
-        for x in example_inputs
-    )
+    names = _input_names(module, len(args))
+    if isinstance(batch_axis, Mapping) and (unknown := sorted(set(batch_axis) - set(names))):
+        raise InvalidArgumentError(
+            f"batch_axis: no input named {', '.join(map(repr, unknown))} "
+            f"(inputs: {', '.join(names)})"
+        )
+    axes: list[int | None] = []
+    for name, x in zip(names, args, strict=True):
+        if not dynamic_batch or not isinstance(x, torch.Tensor) or x.dim() == 0:
+            axes.append(None)
+            continue
+        axis = batch_axis.get(name, 0) if isinstance(batch_axis, Mapping) else batch_axis or 0
+        if not isinstance(axis, int) or isinstance(axis, bool) or not 0 <= axis < x.dim():
+            raise InvalidArgumentError(
+                f"batch_axis: {axis!r} is not an axis of input '{name}' (shape {_shapes([x])})"
+            )
+        axes.append(axis)
+    return tuple(axes)
+
+
+def _trace_inputs(example_inputs: Sequence[Any], axes: Axes) -> tuple[Any, ...]:
+    """Example inputs; a batch of 1 repeated to 2 so the batch dim stays symbolic."""
+    out = []
+    for x, axis in zip(example_inputs, axes, strict=True):
+        if axis is not None and x.shape[axis] == 1:
+            x = x.repeat(*[_TRACE_BATCH if i == axis else 1 for i in range(x.dim())])
+        out.append(x)
+    return tuple(out)
 
 
 def _shapes(args: Sequence[Any]) -> str:
@@ -364,16 +394,14 @@ def _shapes(args: Sequence[Any]) -> str:
 
 
 def _export_dynamo(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
 ) -> onnx.ModelProto:
     import torch
 
     dynamic_shapes = None
-    if dynamic_batch:
+    if any(a is not None for a in axes):
         batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple(
-            {0: batch} if isinstance(x, torch.Tensor) and x.dim() >= 1 else None for x in args
-        )
+        dynamic_shapes = tuple(None if a is None else {a: batch} for a in axes)
     program = torch.onnx.export(
         module,
         args,
@@ -405,16 +433,22 @@ def _export_dynamo(
 
 
 def _export_torchscript(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, dynamic_batch: bool
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
 ) -> onnx.ModelProto:
     import torch
 
     n_out = len(module_outputs(module, args))
     input_names = _input_names(module, len(args))
     output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    dynamic_axes: dict[str, dict[int, str]] | None = None
+    if any(a is not None for a in axes):
+        dynamic_axes = {
+            n: {a: "batch"} for n, a in zip(input_names, axes, strict=True) if a is not None
+        }
+        # Outputs carry the batch where the inputs do when they agree on one axis.
+        shared = {a for a in axes if a is not None}
+        out_axis = shared.pop() if len(shared) == 1 else 0
+        dynamic_axes.update({n: {out_axis: "batch"} for n in output_names})
     buffer = io.BytesIO()
     torch.onnx.export(
         module,
@@ -431,12 +465,13 @@ def _export_torchscript(
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _static_batch_inputs(model: onnx.ModelProto) -> list[str]:
-    """Graph inputs whose first dim is a fixed number (the exporter specialized the batch)."""
+def _static_batch_inputs(model: onnx.ModelProto, axes: Axes) -> list[str]:
+    """Graph inputs whose batch dim is a fixed number (the exporter specialized the batch)."""
+    dynamic = [a for a in axes if a is not None]
     return [
         f"{s.name}{list(s.shape)}"
-        for s in graph_input_specs(model)
-        if s.shape and isinstance(s.shape[0], int)
+        for s, axis in zip(graph_input_specs(model), dynamic, strict=False)
+        if len(s.shape) > axis and isinstance(s.shape[axis], int)
     ]
 
 
@@ -496,42 +531,72 @@ def _batch_checks(
     eval_module: torch.nn.Module,
     batch_sizes: tuple[int, ...],
     seed: int,
-) -> tuple[BatchCheck, ...]:
-    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size."""
+) -> tuple[tuple[BatchCheck, ...], list[str]]:
+    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size, judged by the
+    tolerance policy against a float64 copy of the module; and notes."""
+    import torch
 
     specs = graph_input_specs(model)
+    names = [s.name for s in specs]
     runner = OrtRunner(model, CPU)
-    groups = []
+    try:
+        outputs = runner.output_names
+    except Exception as exc:  # a graph onnxruntime cannot load: every check fails with why
+        return tuple(
+            BatchCheck(
+                b, (failed_check(REFERENCE, CPU, f"b{b}/seed{seed}", "onnxruntime", exc, b),)
+            )
+            for b in batch_sizes
+        ), []
+    eval32 = TorchRunner(eval_module, names, outputs)
+    eval64: TorchRunner | None = TorchRunner(eval_module, names, outputs, dtype=torch.float64)
+    notes: list[str] = []
+    done: list[tuple[int, str, dict[str, Any], Any, Any, str]] = []
+    failed: dict[int, Check] = {}
+    axes = batch_axes(specs)  # the graph's dims named "batch"
     for batch in batch_sizes:
-        feeds = make_feeds(specs, batch, seed)
+        feeds = make_feeds(specs, batch, seed, axes=axes)
         label = f"b{batch}/seed{seed}"
+        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         try:
             actual = runner.infer(feeds)
         except Exception as exc:
-            failed = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
-            groups.append(BatchCheck(batch, (failed,)))
+            failed[batch] = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
             continue
-        args = [from_numpy(v) for v in feeds.values()]
         try:
-            torch_outputs = module_outputs(eval_module, args)
+            expected = eval32.infer(feeds)
+        except InvalidArgumentError as exc:  # another number of outputs than the graph
+            failed[batch] = failed_check(REFERENCE, CPU, label, "output matching", exc, batch)
+            continue
         except Exception as exc:
-            failed = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
-            groups.append(BatchCheck(batch, (failed,)))
+            failed[batch] = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
             continue
-        if len(torch_outputs) != len(actual):
-            failed = failed_check(
-                REFERENCE, CPU, label, "output matching",
-                f"{len(actual)} ONNX outputs vs {len(torch_outputs)} PyTorch outputs", batch,
-            )  # fmt: skip
-            groups.append(BatchCheck(batch, (failed,)))
+        truth = None
+        if eval64 is not None:
+            try:
+                truth = eval64.infer(feeds)
+            except Exception as exc:  # no float64 copy: the nominal floor applies
+                notes.append(f"the float64 copy of the module fails: {first_line(exc, 160)}")
+                eval64 = None
+        done.append((batch, label, expected, actual, truth, shapes))
+    floors = (
+        pooled_floors([d[2] for d in done], [d[4] for d in done])
+        if done and all(d[4] is not None for d in done)
+        else None
+    )
+    groups = []
+    for batch in batch_sizes:
+        if batch in failed:
+            groups.append(BatchCheck(batch, (failed[batch],)))
             continue
-        expected = dict(zip(actual, torch_outputs, strict=True))
+        _, label, expected, actual, truth, shapes = next(d for d in done if d[0] == batch)
         checks = compare_outputs(
             expected, actual, kind=REFERENCE, provider=CPU, inputs=label,
             policy=DEFAULT_POLICY, batch_size=batch, suffix=f"@b{batch}",
+            truth=truth if floors is not None else None, floors=floors, input_shapes=shapes,
         )  # fmt: skip
         groups.append(BatchCheck(batch, tuple(checks)))
-    return tuple(groups)
+    return tuple(groups), notes
 
 
 def _validate(exporter: str, opset: int) -> None:
@@ -581,14 +646,15 @@ def _run_exporter(
     eval_module: torch.nn.Module,
     trace_args: tuple[Any, ...],
     opset: int,
-    dynamic_batch: bool,
+    axes: Axes,
     name: str,
 ) -> onnx.ModelProto:
     """The exporter's graph, checked for the requested opset and a symbolic batch."""
     export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
+    dynamic_batch = any(a is not None for a in axes)
     try:
         with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
-            model = export_fn(eval_module, trace_args, opset, dynamic_batch)
+            model = export_fn(eval_module, trace_args, opset, axes)
     except ExportError:
         raise
     except Exception as exc:
@@ -604,7 +670,7 @@ def _run_exporter(
             "(its version conversion failed); use opset=18 or higher, or "
             "exporter='torchscript'"
         )
-    if dynamic_batch and (fixed := _static_batch_inputs(model)):
+    if dynamic_batch and (fixed := _static_batch_inputs(model, axes)):
         raise ExportError(
             f"{exporter} exporter specialized the batch dimension of {name} "
             f"(inputs {', '.join(fixed)}); export with dynamic_batch=False or another exporter"
@@ -620,6 +686,7 @@ def export(
     opset: int | None = None,
     exporter: str | None = None,
     dynamic_batch: bool = True,
+    batch_axis: int | Mapping[str, int] | None = None,
     simplify: bool | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
@@ -629,8 +696,10 @@ def export(
 ) -> ExportResult:
     """Export ``module`` in eval mode to ``path``, check it in onnxruntime, and take its census.
 
+    The dynamic batch dim (named ``batch``) is axis 0 of every tensor input unless
+    ``batch_axis`` says another (one for all, or by the forward's parameter name).
     ``simplify=None`` runs onnxsim after the TorchScript exporter only. The result is falsy when
-    onnxruntime disagrees with PyTorch eval beyond the default tolerances; then nothing is
+    onnxruntime disagrees with PyTorch eval beyond the tolerance policy; then nothing is
     written, or with ``keep_failed`` the graph is kept as ``NAME.failed.onnx``
     (``ExportResult.written`` says which).
     """
@@ -662,10 +731,11 @@ def export(
     train = training_report(module, args)
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
-    trace_args = _trace_inputs(args, dynamic_batch)
+    axes = _batch_axes(module, args, dynamic_batch, batch_axis)
+    trace_args = _trace_inputs(args, axes)
 
     start = time.perf_counter()
-    model = _run_exporter(exporter, eval_module, trace_args, opset, dynamic_batch, name)
+    model = _run_exporter(exporter, eval_module, trace_args, opset, axes, name)
     timings["export"] = time.perf_counter() - start
     _set_metadata(model, {
         "source_model": source or name,
@@ -679,7 +749,8 @@ def export(
     batch_sizes: tuple[int, ...] = CHECK_BATCH_SIZES
     if not dynamic_batch:
         specs = graph_input_specs(model)
-        first = specs[0].shape[0] if specs and specs[0].shape else None
+        axis = batch_axis if isinstance(batch_axis, int) else 0
+        first = specs[0].shape[axis] if specs and len(specs[0].shape) > axis else None
         batch_sizes = (first if isinstance(first, int) else 1,)
     simplified = SimplifyOutcome(False)
     if (exporter == "torchscript") if simplify is None else simplify:
@@ -690,7 +761,8 @@ def export(
             notes.append(f"onnxsim result discarded: {simplified.note}")
 
     start = time.perf_counter()
-    checks = _batch_checks(model, eval_module, batch_sizes, seed)
+    checks, check_notes = _batch_checks(model, eval_module, batch_sizes, seed)
+    notes += check_notes
     timings["check"] = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -45,13 +45,13 @@ from normdeploy.io import (
     stage_onnx,
     staging_dir,
 )
-from normdeploy.onnx_graph import default_opset, graph_input_specs
+from normdeploy.onnx_graph import InputSpec, default_opset, graph_input_specs
 from normdeploy.passes import FOLDED, KEPT, MERGED, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
 from normdeploy.passes.fuse_norms import Confirmation, FuseNorms
 from normdeploy.passes.merge_branches import FoldBatchNormAndMerge
 from normdeploy.passes.opset import CONVERTER, convert_opset
-from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.report import markdown_table, text_table
 from normdeploy.verification.compare import (
     GRAPH_VS_ORIGINAL,
     ArrayComparison,
@@ -60,27 +60,31 @@ from normdeploy.verification.compare import (
     failed_check,
 )
 from normdeploy.verification.feeds import make_feeds
-from normdeploy.verification.results import worst
+from normdeploy.verification.float64 import Float64Graph
+from normdeploy.verification.results import describe_verdict, worst
 from normdeploy.verification.runners import CPU, OrtRunner, ort_message
+
+# A rewrite by a pass is per-channel (or per-node) arithmetic: one batch > 1 proves it as well as
+# several, and each onnxruntime run of a large graph costs as much as reading it (BENCHMARKS.md,
+# fold-bn).
+CHECK_BATCH_SIZES = (2,)
 
 
 def _measured(comp: ArrayComparison) -> str:
-    """'max |Δ| 1.2e-03, atol 0.0001, rtol 0.0001', or why nothing was measured."""
-    if comp.max_abs is None:
-        return comp.detail
-    return f"max |Δ| {fmt_num(comp.max_abs)}, atol {comp.atol:g}, rtol {comp.rtol:g}"
+    """The verdict's numbers (e, f, bound, margin), or why nothing was measured."""
+    return describe_verdict(comp) if comp.max_abs is not None else comp.detail
 
 
 def _checks_line(checks: tuple[Check, ...], what: str) -> str:
-    """'PASS: <what> on onnxruntime CPU (optimizations off), …, worst … max |Δ| = …'."""
+    """'PASS: <what> on onnxruntime CPU (optimizations off), N check(s) on <shapes>; worst …'."""
     culprit = worst(checks)
     assert culprit is not None
     comp = culprit.comparison
     status = "PASS" if all(checks) else "FAIL"
+    shapes = "; ".join(dict.fromkeys(c.input_shapes for c in checks))
     return (
-        f"{status}: {what} on onnxruntime CPU (optimizations off), "
-        f"{len(checks)} output(s) × batch sizes, worst '{comp.name}' "
-        f"max |Δ| = {fmt_num(comp.max_abs)} (atol={comp.atol:g}, rtol={comp.rtol:g})"
+        f"{status}: {what} on onnxruntime CPU (optimizations off), {len(checks)} check(s) on "
+        f"{shapes or 'the stress inputs'}; worst '{comp.name}': {describe_verdict(comp)}"
         + (f"; {comp.detail}" if comp.detail else "")
     )
 
@@ -304,14 +308,20 @@ def _self_check(
     source: str,
     pass_name: str,
     seed: int,
+    truth: Float64Graph | None = None,
+    specs: list[InputSpec] | None = None,
 ) -> tuple[Check, ...]:
-    """The rewritten graph against the original on onnxruntime CPU (optimizations off).
+    """The rewritten graph against the original on onnxruntime CPU (optimizations off), with
+    ``truth`` (a float64 copy of the original) as ground truth when there is one.
 
     A graph onnxruntime cannot load or run is the input's fault when the original fails on its
     own (a user error naming the input); when only the rewrite fails it is a failed check.
     """
     try:
-        return compare_graphs(original, rewritten, seed=seed)
+        return compare_graphs(
+            original, rewritten, seed=seed, truth=truth, specs=specs,
+            batch_sizes=CHECK_BATCH_SIZES,
+        )  # fmt: skip
     except NormdeployError:
         raise
     except Exception as exc:
@@ -345,6 +355,7 @@ def _convert(
     seed: int,
     timings: dict[str, float],
     what: str,
+    truth: Float64Graph | None = None,
 ) -> OpsetConversion | None:
     """Convert ``work`` in place to ``opset`` (None, or the opset it has: nothing to do) and,
     when verifying, prove the converted graph equal to ``original`` before any pass runs."""
@@ -360,7 +371,7 @@ def _convert(
     if verify:
         start = time.perf_counter()
         try:
-            checks = compare_graphs(original, work, seed=seed)
+            checks = compare_graphs(original, work, seed=seed, truth=truth)
         except Exception as exc:  # onnxruntime's own error types
             raise InvalidModelError(
                 f"{source}: the graph converted to opset {opset} cannot be checked: "
@@ -425,9 +436,12 @@ def run_pass(
         source, original, work = str(loaded.path), loaded.path, loaded.model
     timings["load"] = time.perf_counter() - start
     what = "rewritten in place" if inplace else "the input was not changed"
+    # The float64 reference is made before the pass rewrites the proto (inplace, or a file's)
+    # and before any opset conversion: it is the input's own.
+    truth = Float64Graph.of(work) if verify else None
     conversion = _convert(
         graph_pass, work, opset, original, source,
-        verify=verify, seed=seed, timings=timings, what=what,
+        verify=verify, seed=seed, timings=timings, what=what, truth=truth,
     )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(work, source)
@@ -437,7 +451,9 @@ def run_pass(
         start = time.perf_counter()
         changed = done.modified or conversion is not None
         checks = (
-            _self_check(original, done.model, source, graph_pass.name, seed) if changed else ()
+            _self_check(original, done.model, source, graph_pass.name, seed, truth)
+            if changed
+            else ()
         )
         timings["verify"] = time.perf_counter() - start
     result = _result(graph_pass, done, source, checks, timings, conversion)
@@ -490,9 +506,12 @@ def run_pass_on_file(
             plan.add(data_file_for(failed), "failed graph's external data")
     source = str(loaded.path)
     timings["load"] = time.perf_counter() - start
+    specs = graph_input_specs(loaded.model)
+    # The float64 reference is the input's own: made before any conversion or rewrite.
+    truth = Float64Graph.of(loaded.model) if verify else None
     conversion = _convert(
         graph_pass, loaded.model, opset, loaded.path, source,
-        verify=verify, seed=seed, timings=timings, what=f"{out} not written",
+        verify=verify, seed=seed, timings=timings, what=f"{out} not written", truth=truth,
     )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(loaded.model, source)
@@ -508,7 +527,7 @@ def run_pass_on_file(
             start = time.perf_counter()
             changed = done.modified or conversion is not None
             checks = (
-                _self_check(loaded.path, staged, source, graph_pass.name, seed)
+                _self_check(loaded.path, staged, source, graph_pass.name, seed, truth, specs)
                 if changed
                 else ()
             )

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 
     from normdeploy.exporting import ExportResult
     from normdeploy.folding import FoldResult
+    from normdeploy.verification.feeds import BatchAxis
     from normdeploy.verification.results import VerifyResult
 
 STAGES = ("export", "fold-bn", "fuse-norms", "verify")
@@ -415,10 +416,14 @@ def _run_verify(
     model_path: Path,
     providers: Sequence[str],
     batch_sizes: Sequence[int],
+    batch_axis: BatchAxis | None,
 ) -> VerifyResult:
     from normdeploy.verification.verifier import verify
 
-    return verify(module, model_path, providers=providers, batch_sizes=tuple(batch_sizes))
+    return verify(
+        module, model_path, providers=providers, batch_sizes=tuple(batch_sizes),
+        batch_axis=batch_axis,
+    )  # fmt: skip
 
 
 def _check_feeds_fit(examples: Sequence[Any], batch_sizes: Sequence[int]) -> None:
@@ -476,6 +481,7 @@ def deploy(
     batch_sizes: Sequence[int] = (1, 3),
     weights: str | os.PathLike[str] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
+    batch_axis: BatchAxis | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     merge: bool = True,
@@ -517,7 +523,7 @@ def deploy(
         with staging_dir(out) as tmp:
             result = _deploy_staged(
                 resolved, tmp, final, export, progress, choice.providers, batch_sizes,
-                {"opset": opset, "exporter": exporter}, merge,
+                {"opset": opset, "exporter": exporter, "batch_axis": batch_axis}, merge,
             )  # fmt: skip
             result = _publish(result, plan, tmp, final, keep_failed)
     except BaseException:
@@ -583,8 +589,9 @@ def _deploy_staged(
         stage = "verify"
         with progress.stage(model_name, "verify", timings):
             state["verification"] = _run_verify(
-                resolved.module, staged, list(providers), batch_sizes
-            )
+                resolved.module, staged, list(providers), batch_sizes,
+                export_options.get("batch_axis"),
+            )  # fmt: skip
         return DeployResult(model_name, out, timings=timings, **state)
     except NormdeployError as exc:
         return DeployResult(

@@ -184,6 +184,24 @@ def norm_kind(module: object) -> str | None:
     return None
 
 
+def oracle_gap(module: object) -> str | None:
+    """Why :func:`module_oracle` does not model ``module`` exactly, or None when it does.
+
+    The oracle implements torch's own norm classes. A subclass that overrides ``forward`` (timm's
+    ``BatchNormAct2d`` also applies an activation) or a class outside torch that merely carries a
+    norm-like name computes something else: it can be confirmed against PyTorch only.
+    """
+    if norm_kind(module) is None:
+        return f"{type(module).__name__} is not a normalization layer"
+    cls = type(module)
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.")), None)
+    if base is None:
+        return f"{cls.__name__} is not a torch norm class"
+    if cls is not base and getattr(cls, "forward", None) is not getattr(base, "forward", None):
+        return f"{cls.__name__} overrides forward() of {base.__name__}"
+    return None
+
+
 def _param(module: torch.nn.Module, name: str) -> Array | None:
     t = getattr(module, name, None)
     return None if t is None else t.detach().cpu().double().numpy()

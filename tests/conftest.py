@@ -1,9 +1,10 @@
 """Shared test configuration: `cuda` tests skip without CUDAExecutionProvider, `slow` without
-NORMDEPLOY_SLOW=1."""
+NORMDEPLOY_SLOW=1; replicas of real architectures deployed once per session."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +29,30 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(no_cuda)
         if "slow" in item.keywords and not run_slow:
             item.add_marker(no_slow)
+
+
+# Replicas of real architectures (tests/replicas.py) that must deploy with exit 0; deployed once
+# per session because each export takes seconds.
+DEPLOYED_REPLICAS = (
+    "preact_bn_stack",
+    "wide_range_head",
+    "clip_like",
+    "seq_first_transformer",
+    "token_dict_model",
+    "densenet_like",
+)
+
+
+@pytest.fixture(scope="session")
+def replica_deploys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Path]]:
+    """Replica name → (exit code of `deploy tests.replicas:NAME`, its output directory)."""
+    from normdeploy.cli import main
+
+    out = tmp_path_factory.mktemp("replicas")
+    return {
+        name: (
+            main(["deploy", f"tests.replicas:{name}", "-o", str(out / name), "-q"]),
+            out / name,
+        )
+        for name in DEPLOYED_REPLICAS
+    }

@@ -1,4 +1,5 @@
-"""The comparator: statistics against hand-computed values, and the pass rule."""
+"""The comparator: statistics against hand-computed values, the fixed rule, and the measured-
+noise rule (e and f against float64, the bound K·max(f, f_min), nominal and CUDA floors)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import math
 
 import numpy as np
 
-from normdeploy.verification.compare import Tolerance, compare_arrays, default_tolerance
+from normdeploy.onnx_graph import InputSpec
+from normdeploy.verification.compare import (
+    CUDA_FLOOR,
+    FLOOR_MIN,
+    NOMINAL_FLOOR,
+    K,
+    Tolerance,
+    TolerancePolicy,
+    compare_arrays,
+    default_tolerance,
+    pair_inputs,
+    pooled_floors,
+)
 from normdeploy.verification.runners import CPU, CUDA
 
 
@@ -49,3 +62,82 @@ def test_default_tolerances_are_ordered_by_precision():
     assert f64.atol < f32.atol < f16.atol
     assert default_tolerance(np.dtype("float32"), CUDA).rtol > f32.rtol
     assert default_tolerance(np.dtype("int64")) == Tolerance(0.0, 0.0)
+
+
+# ------------------------------------------------------------------ the measured-noise rule
+
+
+def test_measured_rule_numbers_are_the_scale_relative_errors():
+    truth = np.array([1000.0, -3.0, 0.001, 0.0])
+    reference = truth + np.array([2e-4, 0.0, 0.0, 0.0])  # f = 2e-4 / 1000 = 2e-7
+    actual = truth + np.array([0.0, 1e-3, 0.0, 0.0])  # e = 1e-3 / 1000 = 1e-6
+    c = TolerancePolicy().compare("y", reference.astype(np.float32), actual.astype(np.float32),
+                                  truth=truth)  # fmt: skip
+    f32 = np.float32
+    e = np.abs(actual.astype(f32).astype(np.float64) - truth).max() / 1000
+    f = np.abs(reference.astype(f32).astype(np.float64) - truth).max() / 1000
+    assert c.rule == "float64"
+    assert math.isclose(c.error, e) and math.isclose(c.floor, f)
+    assert c.floor_used == max(f, FLOOR_MIN["float32"]) and c.bound == K * c.floor_used
+    assert math.isclose(c.ratio, e / c.floor_used) and math.isclose(c.margin, c.bound / e)
+    assert c.passed == (e <= c.bound)
+
+
+def test_the_bound_is_k_floors_with_f_min_below_it():
+    truth = np.linspace(-1, 1, 101)
+    floor = 1e-6
+    policy = TolerancePolicy()
+    for ratio, ok in ((K * 0.99, True), (K * 1.01, False)):
+        actual = truth.copy()
+        actual[7] += ratio * floor  # scale max|truth| = 1
+        c = policy.compare("y", truth, actual, truth=truth, floor=floor)
+        assert c.passed is ok and math.isclose(c.ratio, ratio)
+    # An output float32 computes exactly (f = 0) still gets K·f_min, not a zero bound.
+    c = policy.compare("y", truth.astype(np.float32), truth.astype(np.float32), truth=truth)
+    assert c.floor_used == FLOOR_MIN["float32"] and c.passed
+
+
+def test_entries_near_zero_beside_thousands_are_judged_by_the_output_scale():
+    """Elementwise atol+rtol·|expected| fails entries near zero whose float32 error comes from
+    the scale of the big ones; the scale-relative rule does not."""
+    truth = np.array([2.6e4, -1.3e4, 1e-3, -2e-3])
+    actual = truth + np.array([0.0, 0.0, 9.8e-3, 0.0])  # 3.8e-7 of the scale
+    elementwise = compare_arrays("y", truth, actual, Tolerance(1e-4, 1e-4))
+    measured = TolerancePolicy().compare("y", truth, actual, truth=truth, floor=2e-7)
+    assert not elementwise and measured
+
+
+def test_without_float64_the_nominal_floor_applies_and_cuda_raises_it():
+    e = np.linspace(-1, 1, 50).astype(np.float32)
+    a = e + np.float32(5e-6)
+    cpu = TolerancePolicy().compare("y", e, a)
+    cuda = TolerancePolicy().compare("y", e, a, CUDA)
+    assert (cpu.rule, cpu.floor, cpu.floor_used) == ("nominal", None, NOMINAL_FLOOR["float32"])
+    assert cpu.passed  # 5e-6 ≤ 10 × 1e-6
+    assert cuda.floor_used == CUDA_FLOOR and cuda.passed
+    assert not TolerancePolicy().compare("y", e, e + np.float32(2e-5))
+
+
+def test_overrides_give_named_outputs_a_fixed_bound_and_integers_stay_exact():
+    policy = TolerancePolicy(atol={"logits": 1e-3, "*": 1e-5}, rtol={"logits": 0.0})
+    assert policy.fixed_tolerance("logits", np.float32) == Tolerance(1e-3, 0.0)
+    assert policy.fixed_tolerance("other", np.float32) == Tolerance(1e-5, 1e-4)  # dtype rtol
+    assert TolerancePolicy().fixed_tolerance("logits", np.float32) is None
+    c = policy.compare("logits@b1", np.zeros(3), np.full(3, 5e-4), output="logits")
+    assert c.rule == "fixed" and c.passed and c.bound is None
+    ints = TolerancePolicy().compare("ids", np.array([1, 2]), np.array([1, 3]))
+    assert ints.rule == "exact" and not ints and ints.margin is None
+
+
+def test_floors_pool_over_input_sets_and_inputs_pair_by_position_when_only_names_differ():
+    t = {"y": np.array([1.0, 2.0])}
+    refs = [{"y": np.array([1.0, 2.0 + 2e-7])}, {"y": np.array([1.0 + 6e-7, 2.0])}]
+    assert math.isclose(pooled_floors(refs, [t, t])["y"], 3e-7)
+    f32 = np.dtype("float32")
+    ts = [InputSpec("input.1", f32, ("batch", 8))]
+    dyn = [InputSpec("x", f32, ("s0", 8))]
+    pairing = pair_inputs(ts, dyn)
+    assert pairing.by == "position" and pairing.pairs == (("input.1", "x"),)
+    assert "position" in pairing.describe("inputs")
+    assert isinstance(pair_inputs(ts, [InputSpec("x", f32, ("s0", 9))]), str)
+    assert isinstance(pair_inputs(ts, [InputSpec("x", np.dtype("int64"), ("s0", 8))]), str)

@@ -45,12 +45,14 @@ def test_inplace_mutates_and_default_verify_reports_numbers() -> None:
     result = fold_bn(model, inplace=True)
     assert result.model is model and ops(model) == Counter({"Conv": 1})
     assert result.verified is True and bool(result)
-    assert {c.comparison.name for c in result.verification} == {"Y@b1", "Y@b2"}
-    assert {c.batch_size for c in result.verification} == {1, 2}
+    assert {c.comparison.name for c in result.verification} == {"Y@b2"}
+    assert {c.batch_size for c in result.verification} == {2}
     assert all(c.kind == GRAPH_VS_ORIGINAL for c in result.verification)
-    # fp32 Conv over 3×3×3 stress inputs (outliers included): ≤ 2e-5 measured; 1e-4 is the
-    # documented fp32 default.
-    assert all(c.comparison.max_abs < 1e-4 for c in result.verification)
+    # onnxruntime has no double Conv: the nominal floor (1e-6 of the output's scale) applies,
+    # and the fold re-rounds each weight once (≤ 2e-7 of scale measured here).
+    for check in result.verification:
+        comp = check.comparison
+        assert comp.rule == "nominal" and comp.error is not None and comp.error < 1e-6
 
 
 def test_a_file_folds_in_memory_and_is_left_untouched(tmp_path) -> None:
@@ -209,7 +211,7 @@ def test_wrong_fold_fails_verification_and_writes_nothing(tmp_path) -> None:
         run_pass_on_file(FoldsOnePercentOff(), src, out)
     result = info.value.result
     assert result.verified is False and not result
-    assert {c.comparison.name for c in result.verification if not c} == {"Y@b1", "Y@b2"}
+    assert {c.comparison.name for c in result.verification if not c} == {"Y@b2"}
     assert "FAIL" in result.to_markdown()
     assert listing(tmp_path) == ["in.onnx"] and sha256_file(src) == digest
 

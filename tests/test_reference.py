@@ -213,3 +213,18 @@ def test_perturbed_formulas_fail_the_oracle_comparison():
 def test_group_norm_rejects_indivisible_groups():
     with pytest.raises(ValueError, match="not divisible"):
         ref.group_norm(np.zeros((1, 6, 2, 2)), 4)
+
+
+def test_the_oracle_models_torch_norm_classes_and_subclasses_that_keep_their_forward():
+    class Renamed(nn.BatchNorm2d):  # a subclass that only renames: same computation
+        pass
+
+    class WithAct(nn.BatchNorm2d):  # timm's BatchNormAct2d pattern
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    assert ref.oracle_gap(nn.BatchNorm2d(3)) is None
+    assert ref.oracle_gap(nn.LayerNorm(4)) is None
+    assert ref.oracle_gap(Renamed(3)) is None
+    assert ref.oracle_gap(WithAct(3)) == "WithAct overrides forward() of BatchNorm2d"
+    assert ref.oracle_gap(nn.ReLU()) == "ReLU is not a normalization layer"

@@ -5,7 +5,10 @@ Module paths come from the exporter's metadata (:mod:`normdeploy.scopes`). For e
 the graph's representation is classified (folded into a Conv/Gemm by the exporter, a native op,
 the GroupNorm construction, a decomposition, absent), and its ONNX value is compared with the
 module's PyTorch eval output and with the float64 numpy oracle applied to the module's ONNX input
-(:mod:`normdeploy.reference`), through the verification core's one comparison.
+(:mod:`normdeploy.reference`), through the verification core's one comparison and its tolerance
+policy (ground truth: a float64 trace of the module). A subclass the oracle does not model
+exactly (one that overrides ``forward``, like timm's ``BatchNormAct2d``) is confirmed against
+PyTorch only, and its entry says so.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
 from normdeploy.census.results import ABSENT, FOLDED, NormEntry
 from normdeploy.errors import first_line, user_code
 from normdeploy.onnx_graph import graph_input_specs, node_label
-from normdeploy.reference import module_oracle, norm_kind
+from normdeploy.reference import module_oracle, norm_kind, oracle_gap
 from normdeploy.scopes import nodes_by_module, rewrite_rules
 from normdeploy.verification.compare import (
     DEFAULT_POLICY,
@@ -33,7 +36,7 @@ from normdeploy.verification.compare import (
 )
 from normdeploy.verification.feeds import feeds_like, make_feeds
 from normdeploy.verification.probe import module_output_values, run_exposed
-from normdeploy.verification.runners import CPU, from_numpy, to_numpy
+from normdeploy.verification.runners import CPU, default_dtype, from_numpy, to_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -111,12 +114,19 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 
 def trace_norm_modules(
-    module: torch.nn.Module, args: Sequence[Any], paths: Sequence[str]
+    module: torch.nn.Module,
+    args: Sequence[Any],
+    paths: Sequence[str],
+    dtype: torch.dtype | None = None,
 ) -> TorchTrace:
-    """Run an eval copy once with hooks on the norm modules and on every Conv/Linear."""
+    """Run an eval copy once with hooks on the norm modules and on every Conv/Linear; with
+    ``dtype`` (``torch.float64`` for ground truth) the copy and floating inputs are converted."""
     import torch
 
     model = copy.deepcopy(module).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+        args = [a.to(dtype) if a.is_floating_point() else a for a in args]
     wanted = set(paths)
     trace = TorchTrace()
     made_by: dict[int, tuple[str, torch.Tensor]] = {}
@@ -152,7 +162,7 @@ def trace_norm_modules(
         if path in wanted or isinstance(mod, producer_types):
             handles.append(mod.register_forward_hook(post_hook(path)))
     try:
-        with torch.no_grad(), user_code("the model's forward"):
+        with torch.no_grad(), default_dtype(dtype), user_code("the model's forward"):
             model(*args)
     finally:
         for h in handles:
@@ -208,35 +218,70 @@ def plan_modules(
     return plans
 
 
+def _op_floor_reference(module: torch.nn.Module, x: np.ndarray) -> np.ndarray | None:
+    """The module's own float32 output on ``x`` (an eval copy): the floor of the oracle check."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            out = copy.deepcopy(module).eval()(torch.from_numpy(np.ascontiguousarray(x)))
+    except Exception:  # the floor then comes from the whole-model trace
+        return None
+    return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else None
+
+
 def _confirm(
     plan: ModulePlan,
     values: Mapping[str, np.ndarray],
     trace: TorchTrace,
+    exact: TorchTrace | None,
     policy: TolerancePolicy,
     inputs_label: str,
 ) -> NormEntry:
-    """Compare one module's ONNX value with PyTorch and with the oracle."""
+    """Compare one module's ONNX value with PyTorch and with the oracle, each against float64.
+
+    Against PyTorch the truth is the float64 trace of the whole model (so the floor carries the
+    float32 rounding accumulated upstream). The oracle is applied to the module's ONNX input
+    when the graph has one (truth: the formula in float64; floor: the module in float32 on that
+    same input), else to the float64 trace's input (floor: the whole-model trace's).
+    """
     vs_torch = vs_oracle = None
-    note = ""
+    notes: list[str] = []
     onnx_out = values.get(plan.output_value) if plan.output_value else None
     torch_out = trace.outputs.get(plan.path)
+    exact_out = None if exact is None else exact.outputs.get(plan.path)
     if onnx_out is not None and torch_out is not None:
-        comp = policy.compare(f"{plan.path}:torch", torch_out, onnx_out)
+        comp = policy.compare(f"{plan.path}:torch", torch_out, onnx_out, truth=exact_out)
         vs_torch = Check(MODULE_VS_TORCH, CPU, inputs_label, comp)
+        gap = oracle_gap(plan.module)
         oracle_in = values.get(plan.input_value) if plan.input_value else None
-        if oracle_in is None:
+        expected: np.ndarray | None = None
+        if gap is not None:
+            notes.append(
+                f"confirmed against PyTorch only: {gap}, which the oracle does not model"
+            )
+        elif oracle_in is not None:
+            expected = _op_floor_reference(plan.module, oracle_in)
+        elif exact is not None and plan.path in exact.inputs:
+            oracle_in, expected = exact.inputs[plan.path], torch_out
+            notes.append("oracle applied to the float64 trace's input (no ONNX input value)")
+        else:
             oracle_in = trace.inputs.get(plan.path)
-            note = "oracle applied to PyTorch's input (no ONNX input value)"
-        if oracle_in is not None:
+            notes.append("oracle applied to PyTorch's input (no ONNX input value)")
+        if gap is None and oracle_in is not None:
             try:
-                expected = module_oracle(plan.module, oracle_in)
+                oracle = module_oracle(plan.module, oracle_in)
             except (TypeError, ValueError) as exc:
-                note = f"no oracle: {exc}"
+                notes.append(f"no oracle: {exc}")
             else:
-                comp = policy.compare(f"{plan.path}:oracle", expected, onnx_out)
+                name = f"{plan.path}:oracle"
+                if expected is not None and expected.shape == oracle.shape:
+                    comp = policy.compare(name, expected, onnx_out, truth=oracle)
+                else:  # no float32 counterpart on the same input: the nominal floor
+                    comp = policy.compare(name, oracle, onnx_out)
                 vs_oracle = Check(MODULE_VS_ORACLE, CPU, inputs_label, comp)
     elif plan.representation.kind != ABSENT and values:
-        note = "no ONNX value for this module's output"
+        notes.append("no ONNX value for this module's output")
     rep = plan.representation
     return NormEntry(
         module_path=plan.path,
@@ -247,7 +292,7 @@ def _confirm(
         nodes=tuple(node_label(n) for n in rep.nodes),
         vs_torch=vs_torch,
         vs_oracle=vs_oracle,
-        note=note,
+        note="; ".join(notes),
     )
 
 
@@ -269,6 +314,7 @@ def module_entries(
     policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> tuple[list[NormEntry], list[str]]:
     """One confirmed :class:`NormEntry` per norm module of ``module``, and notes."""
+    import torch
 
     norm_modules = [(p, m) for p, m in module.named_modules() if norm_kind(m) is not None]
     if not norm_modules:
@@ -277,11 +323,18 @@ def module_entries(
     feeds = _confirm_feeds(model, example_inputs, seed)
     label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     args = [from_numpy(v) for v in feeds.values()]
+    paths = [p for p, _ in norm_modules]
     try:
-        trace = trace_norm_modules(module, args, [p for p, _ in norm_modules])
+        trace = trace_norm_modules(module, args, paths)
     except Exception as exc:
         notes.append(f"PyTorch eval run failed, no numerical confirmation: {first_line(exc)}")
         trace = TorchTrace()
+    exact: TorchTrace | None = None
+    if trace.outputs:
+        try:
+            exact = trace_norm_modules(module, args, paths, torch.float64)
+        except Exception as exc:  # a module that cannot run in float64: nominal floors
+            notes.append(f"no float64 trace ({first_line(exc)}): nominal floors apply")
     plans = plan_modules(model, norm_modules, trace)
     wanted = [v for p in plans for v in (p.output_value, p.input_value) if v]
     values: dict[str, np.ndarray] = {}
@@ -292,4 +345,6 @@ def module_entries(
             notes.append(
                 f"onnxruntime could not run the graph with exposed values: {first_line(exc)}"
             )
-    return [_confirm(p, values, trace, policy, label) for p in plans], notes
+    if values:
+        notes.append(f"numerical confirmation ran on {label}")
+    return [_confirm(p, values, trace, exact, policy, label) for p in plans], notes

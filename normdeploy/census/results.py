@@ -132,6 +132,23 @@ def _max_abs(check: Check | None) -> str:
     return "-" if check is None else fmt_num(check.comparison.max_abs)
 
 
+def _worst_ratio(entry: NormEntry) -> str:
+    """The larger e/f of the entry's comparisons ('-' when none was measured)."""
+    ratios = [
+        c.comparison.ratio
+        for c in (entry.vs_torch, entry.vs_oracle)
+        if c is not None and c.comparison.ratio is not None
+    ]
+    return fmt_num(max(ratios)) if ratios else "-"
+
+
+def _confirmed_cell(entry: NormEntry) -> str:
+    cell = {True: "ok", False: "FAIL", None: "-"}[entry.confirmed]
+    if entry.vs_torch is not None and entry.vs_oracle is None:
+        cell += " (PyTorch only)"
+    return cell
+
+
 @dataclass(frozen=True)
 class Census:
     """Norm ops and patterns in a graph, per-module entries (with PyTorch) and lints."""
@@ -193,7 +210,8 @@ class Census:
                 e.detail,
                 _max_abs(e.vs_torch),
                 _max_abs(e.vs_oracle),
-                {True: "ok", False: "FAIL", None: "-"}[e.confirmed],
+                _worst_ratio(e),
+                _confirmed_cell(e),
             ]
             for e in self.entries
         ]
@@ -205,8 +223,21 @@ class Census:
         "detail",
         "max|onnx-torch|",
         "max|onnx-oracle|",
+        "e/f",
         "confirmed",
     )
+
+    def entry_notes(self) -> list[str]:
+        """The entries' notes, one line per distinct note with how many modules it covers."""
+        grouped: dict[str, list[str]] = {}
+        for e in self.entries:
+            if e.note:
+                grouped.setdefault(e.note, []).append(e.module_path or "<root>")
+        return [
+            f"{paths[0]}: {note}" if len(paths) == 1 else
+            f"{len(paths)} modules ({paths[0]}, …): {note}"
+            for note, paths in grouped.items()
+        ]  # fmt: skip
 
     def _counts_line(self) -> str:
         return ", ".join(f"{k}×{v}" for k, v in self.op_counts.items()) or "no norm ops"
@@ -229,7 +260,7 @@ class Census:
         if self.lints:
             lines += ["", "lints:"]
             lines += [f"  {lint_line(lint, nodes)}" for lint, nodes in lint_groups(self.lints)]
-        lines += [f"note: {n}" for n in self.notes]
+        lines += [f"note: {n}" for n in [*self.entry_notes(), *self.notes]]
         return "\n".join(lines)
 
     def to_markdown(self) -> str:
@@ -245,5 +276,5 @@ class Census:
                 ("severity", "lint", "node", "message"),
                 [(x.severity, x.code, x.node, x.message) for x in self.lints],
             )]  # fmt: skip
-        out += [f"- {n}" for n in self.notes]
+        out += [f"- {n}" for n in [*self.entry_notes(), *self.notes]]
         return "\n".join(out)

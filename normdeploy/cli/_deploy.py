@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from normdeploy.cli._options import (
+    add_batch_axis,
     add_input_shape,
     add_keep_failed,
     add_max_memory,
@@ -13,6 +14,7 @@ from normdeploy.cli._options import (
     emit,
     input_shapes,
     parse_batch_sizes,
+    parse_named,
 )
 from normdeploy.errors import InvalidArgumentError
 
@@ -43,6 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="fold-bn keeps summed parallel branches (no RepVGG-style merge into one Conv)",
     )
     add_input_shape(p, "e.g. 1x3x224x224")
+    add_batch_axis(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_keep_failed(p)
     add_max_memory(p)
@@ -68,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
         "progress": Progress(enabled=not args.quiet),
     }
     if args.all_reference:
-        if args.weights or args.input_shape:
+        if args.weights or args.input_shape or args.batch_axis:
             raise InvalidArgumentError(
-                "--weights/--input-shape go with one MODEL, not --all-reference"
+                "--weights/--input-shape/--batch-axis go with one MODEL, not --all-reference"
             )
         summary = deploy_many(reference_registry().names(), args.output, **options)
         failed = summary.failed
@@ -81,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             args.output,
             weights=args.weights,
             input_shapes=input_shapes(args),
+            batch_axis=parse_named(args.batch_axis, "--batch-axis", int, "an integer"),
             **options,
         )
         failed = [] if result else [result.model_name]

@@ -31,6 +31,8 @@ FLAGS = {
     "out_dir": "-o",
     "path": "-o",
     "report": "--report",
+    "batch_axis": "--batch-axis",
+    "save_run": "--save-run",
 }
 _SPELLED = {
     "dynamic_batch=False": "--static",
@@ -55,6 +57,16 @@ def cli_words(message: str) -> str:
 
 def add_input_shape(p: argparse.ArgumentParser, help_text: str) -> None:
     p.add_argument("--input-shape", action="append", metavar="SHAPE", help=help_text)
+
+
+def add_batch_axis(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--batch-axis",
+        action="append",
+        metavar="[NAME=]N",
+        help="the batch axis of input NAME (or of every input) when it is not the graph's dim "
+        "named 'batch' (default: that dim, else 0); repeatable",
+    )
 
 
 def add_output_options(
@@ -100,6 +112,30 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
         raise InvalidArgumentError(
             f"--batch-sizes: '{text}' is not a comma-separated list of integers"
         ) from None
+
+
+def parse_named(
+    values: Sequence[str] | None, flag: str, convert: Callable[[str], Any], what: str
+) -> Any:
+    """Repeated ``VALUE`` / ``NAME=VALUE`` flags: None, one value for everything, or a mapping
+    (a bare value then stands for every name not given, under the key ``"*"``)."""
+    if not values:
+        return None
+    named: dict[str, Any] = {}
+    for text in values:
+        name, sep, value = text.rpartition("=")
+        key = name.strip() if sep else "*"
+        if sep and not key:
+            raise InvalidArgumentError(f"{flag}: '{text}' has an empty NAME")
+        try:
+            named[key] = convert(value.strip())
+        except ValueError:
+            raise InvalidArgumentError(
+                f"{flag}: '{text}' must be X or NAME=X with X {what}"
+            ) from None
+    if list(named) == ["*"]:
+        return named["*"]
+    return named
 
 
 def check_report_path(

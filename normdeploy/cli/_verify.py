@@ -1,10 +1,12 @@
-"""`normdeploy verify MODEL model.onnx` / `verify a.onnx b.onnx`: exit 0 match, 1 mismatch."""
+"""`normdeploy verify MODEL model.onnx` / `verify a.onnx b.onnx` / `verify --load-run run.npz
+model.onnx`: exit 0 match, 1 mismatch."""
 
 from __future__ import annotations
 
 import argparse
 
 from normdeploy.cli._options import (
+    add_batch_axis,
     add_input_shape,
     add_max_memory,
     add_output_options,
@@ -12,7 +14,9 @@ from normdeploy.cli._options import (
     emit,
     input_shapes,
     parse_batch_sizes,
+    parse_named,
 )
+from normdeploy.errors import InvalidArgumentError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,11 +25,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="prove an ONNX graph computes what the PyTorch model (eval) or another graph does",
         description="Run REFERENCE (a reference model name, package.module:factory, or an ONNX "
         "file) and CANDIDATE on the same stress inputs on every available onnxruntime provider, "
-        "check batch independence and eval semantics, and bisect to the first differing module "
-        "on a mismatch. Exit 0 when everything matches, 1 on a mismatch, 2 on bad input.",
+        "judge every output's error against the reference's own float32 error (both measured "
+        "against a float64 evaluation), check batch independence and eval semantics, and "
+        "bisect to the first differing module on a mismatch. With --load-run, the reference "
+        "is a run saved by --save-run (no PyTorch needed). Exit 0 when everything matches, 1 "
+        "on a mismatch, 2 on bad input.",
     )
     p.add_argument("reference", metavar="REFERENCE", help="MODEL or reference .onnx")
-    p.add_argument("candidate", metavar="CANDIDATE", help="ONNX file to verify")
+    p.add_argument("candidate", metavar="CANDIDATE", nargs="?", help="ONNX file to verify")
     p.add_argument(
         "--providers",
         help="comma-separated: cpu,cuda (default: every available one; cuda when present)",
@@ -40,10 +47,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--inputs", metavar="FEEDS.npz", help="extra feeds: one array per input name"
     )
     p.add_argument(
-        "--atol", type=float, help="absolute tolerance (default per dtype/provider)"
+        "--atol",
+        action="append",
+        metavar="[NAME=]X",
+        help="fixed absolute bound instead of the measured-noise rule, for output NAME (or "
+        "every output); repeatable",
     )
     p.add_argument(
-        "--rtol", type=float, help="relative tolerance (default per dtype/provider)"
+        "--rtol",
+        action="append",
+        metavar="[NAME=]X",
+        help="fixed relative bound (elementwise, atol + rtol*|expected|), like --atol",
+    )
+    add_batch_axis(p)
+    p.add_argument(
+        "--save-run",
+        metavar="FILE.npz",
+        help="also write the inputs, reference outputs, float64 truth and floors",
+    )
+    p.add_argument(
+        "--load-run",
+        metavar="FILE.npz",
+        help="use a run saved with --save-run as the reference: verify --load-run FILE.npz "
+        "CANDIDATE.onnx",
     )
     p.add_argument("--no-bisect", dest="bisect", action="store_false", help="skip bisection")
     p.add_argument("--weights", help="state_dict for MODEL (torch.load weights_only=True)")
@@ -51,26 +77,52 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         p, "example input shape for MODEL, like 1x3x224x224 (repeat for several inputs)"
     )
     add_max_memory(p)
-    add_output_options(p, force_help="overwrite an existing report")
+    add_output_options(p, force_help="overwrite an existing report or --save-run file")
     p.set_defaults(run=run)
+
+
+def _sides(args: argparse.Namespace) -> tuple[object, str]:
+    """(reference, candidate) from the positionals and --load-run."""
+    if args.load_run:
+        if args.candidate is not None:
+            raise InvalidArgumentError(
+                "verify: with --load-run give only CANDIDATE (the run is the reference)"
+            )
+        from normdeploy.verification.record import load_run
+
+        return load_run(args.load_run), args.reference
+    if args.candidate is None:
+        raise InvalidArgumentError("verify: give REFERENCE and CANDIDATE (or --load-run FILE)")
+    return args.reference, args.candidate
 
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.verification.verifier import verify
 
-    check_report_path(args, (args.candidate, args.reference))
+    reference, candidate = _sides(args)
+    sources = [s for s in (candidate, args.reference, args.load_run) if s]
+    check_report_path(args, sources)
+    if args.save_run:
+        from normdeploy.io import check_output_path
+
+        check_output_path(
+            args.save_run, inputs=tuple(sources), overwrite=args.force, what="run"
+        )
     result = verify(
-        args.reference,
-        args.candidate,
+        reference,
+        candidate,
         providers=args.providers,
         batch_sizes=parse_batch_sizes(args.batch_sizes),
         seeds=args.seeds,
         inputs=args.inputs,
-        atol=args.atol,
-        rtol=args.rtol,
+        atol=parse_named(args.atol, "--atol", float, "a number"),
+        rtol=parse_named(args.rtol, "--rtol", float, "a number"),
         bisect=args.bisect,
         weights=args.weights,
         input_shapes=input_shapes(args),
+        batch_axis=parse_named(args.batch_axis, "--batch-axis", int, "an integer"),
+        save_run=args.save_run,
+        overwrite=args.force,
     )
     emit(result, args)
     return 0 if result.passed else 1

@@ -13,11 +13,12 @@ before it matches *its* output (a BatchNorm folded into the Conv before it), it 
 absorbed into that value; otherwise it is listed as having no counterpart. Nothing is dropped
 silently: modules run more than once, shape changes and unknown scopes are listed as not compared.
 
-The divergence is the first compared value (in execution order) whose scale-free error
-``max|Δ| / max|reference|`` rises above the dtype's noise floor, is ``JUMP``× the largest error
-before it, and is at least ``SHARE`` of the largest error anywhere (so accumulated rounding in a
-deep net is not blamed before the real fault). An error that starts below the noise floor and is
-amplified later is named where it becomes visible.
+Every value is judged by the one tolerance policy (:mod:`~normdeploy.verification.compare`):
+against PyTorch, e and the floor f come from a float64 copy of the module traced on the same
+inputs, so accumulated float32 rounding in a deep net stays within its own floor; against another
+graph the nominal floor applies. The divergence is the first compared value, in execution order,
+that fails the policy: an error that starts below the floor and is amplified later is named where
+it becomes visible.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from normdeploy.errors import first_line
 from normdeploy.onnx_graph import node_label
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.verification.compare import DEFAULT_POLICY, ArrayComparison, TolerancePolicy
@@ -43,10 +45,6 @@ from normdeploy.verification.runners import CPU
 if TYPE_CHECKING:
     import torch
 
-# Scale-free error that rounding alone reaches in a deep graph, per dtype (a few ulps, summed).
-NOISE_FLOOR = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
-JUMP = 10.0
-SHARE = 0.1
 MAX_LISTED = 40
 
 
@@ -128,10 +126,12 @@ class Bisection:
                 "found no intermediate divergence; the difference arises in the final outputs"
             )
         what = "module" if self.mapping == "module" else "value"
+        comp = culprit.comparison
+        bound = "" if comp.bound is None else f", bound {fmt_num(comp.bound)}"
         return (
             f"error jumps at {what} '{culprit.label()}' [{culprit.kind}], ONNX node "
-            f"{culprit.node}: max|Δ| {fmt_num(culprit.comparison.max_abs)}, relative "
-            f"{fmt_num(culprit.relative_error)} (before it ≤ "
+            f"{culprit.node}: max|Δ| {fmt_num(comp.max_abs)}, relative "
+            f"{fmt_num(culprit.relative_error)}{bound} (before it ≤ "
             f"{fmt_num(self._max_before(culprit))})"
         )
 
@@ -156,17 +156,21 @@ class Bisection:
             "notes": list(self.notes),
         }
 
-    _HEADERS = ("#", "module/value", "kind", "ONNX node", "max abs", "relative", "result")
+    _HEADERS = (
+        "#", "module/value", "kind", "ONNX node", "max abs", "error e", "floor f", "e/f",
+        "result",
+    )  # fmt: skip
 
     def _rows(self) -> list[list[str]]:
         rows = []
         for i, p in enumerate(self.probes):
-            mark = "ok" if p.comparison.passed else "FAIL"
+            comp = p.comparison
+            mark = "ok" if comp.passed else "FAIL"
             if i == self.divergence_index:
                 mark += " ← error jumps"
             rows.append([
-                str(i), p.label(), p.kind, p.node, fmt_num(p.comparison.max_abs),
-                fmt_num(p.relative_error), mark,
+                str(i), p.label(), p.kind, p.node, fmt_num(comp.max_abs),
+                fmt_num(p.relative_error), fmt_num(comp.floor_used), fmt_num(comp.ratio), mark,
             ])  # fmt: skip
         return rows
 
@@ -216,11 +220,13 @@ class Bisection:
 
 @dataclass(frozen=True)
 class ReferenceValue:
-    """A reference value in execution order: module path (or value name), kind, array."""
+    """A reference value in execution order: module path (or value name), kind, the array as
+    the reference computed it, and its float64 evaluation when there is one."""
 
     key: str
     kind: str
     array: np.ndarray | None
+    truth: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -230,17 +236,11 @@ class CandidateValue:
     array: np.ndarray
 
 
-def relative_error(comparison: ArrayComparison, expected: np.ndarray) -> float:
-    """``max|Δ| / max|expected|``; inf when shapes or non-finite positions differ."""
-    if comparison.max_abs is None or (
-        not comparison.passed and (comparison.detail or math.isinf(comparison.max_abs))
-    ):
+def relative_error(comparison: ArrayComparison) -> float:
+    """The policy's scale-relative error e; inf when shapes or non-finite positions differ."""
+    if comparison.error is None or comparison.usage is None:
         return math.inf
-    finite = np.abs(expected[np.isfinite(expected)].astype(np.float64))
-    scale = float(finite.max()) if finite.size else 0.0
-    if comparison.max_abs == 0:
-        return 0.0
-    return comparison.max_abs / max(scale, np.finfo(np.float64).tiny)
+    return comparison.error
 
 
 def _is_float(a: np.ndarray | None) -> bool:
@@ -280,8 +280,8 @@ def locate_divergence(
             array = option.array
             if array is None or not _is_float(array) or array.shape != cand.array.shape:
                 continue
-            comp = policy.compare(ref.key, array, cand.array, provider)
-            scored.append((relative_error(comp, array), rank, option, comp))
+            comp = policy.compare(ref.key, array, cand.array, provider, truth=option.truth)
+            scored.append((relative_error(comp), rank, option, comp))
         if not scored:
             shape = None if ref.array is None else tuple(ref.array.shape)
             not_compared.append(Unmatched(
@@ -312,17 +312,8 @@ def locate_divergence(
 
 
 def _divergence(probes: Sequence[Probe]) -> int | None:
-    errors = [p.relative_error for p in probes]
-    if not errors:
-        return None
-    top = max(errors)
-    running = 0.0
-    for i, (probe, err) in enumerate(zip(probes, errors, strict=True)):
-        floor = NOISE_FLOOR.get(probe.comparison.dtype, 1e-6)
-        if err > floor and err > JUMP * running and err >= SHARE * top:
-            return i
-        running = max(running, err)
-    return None
+    """The first probe the policy fails."""
+    return next((i for i, p in enumerate(probes) if not p.comparison.passed), None)
 
 
 # ---------------------------------------------------------------------- entry points
@@ -355,10 +346,22 @@ def bisect_module(
     inputs_label: str = "",
     policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> Bisection:
-    """Compare each module's PyTorch eval output (on ``torch_args``) with its ONNX value."""
+    """Compare each module's PyTorch eval output (on ``torch_args``) with its ONNX value; the
+    float64 trace of the same module on the same inputs is the ground truth."""
+    import torch
+
     calls = trace_module_calls(module, torch_args)
+    try:
+        exact = {
+            c.path: c.output for c in trace_module_calls(module, torch_args, torch.float64)
+        }
+    except Exception as exc:  # a module that cannot run in float64: the nominal rule applies
+        exact = {}
+        notes_64 = [f"no float64 trace ({first_line(exc)}): nominal floors"]
+    else:
+        notes_64 = []
     values = {k: v for k, v in module_output_values(candidate.graph).items() if k}
-    notes: list[str] = []
+    notes: list[str] = list(notes_64)
     if not values:
         notes.append(
             "the ONNX graph carries no module names (no exporter metadata, no /scope/ node "
@@ -378,7 +381,10 @@ def bisect_module(
                 f"called {call.calls} times in one forward; the graph has a copy per call",
             ))  # fmt: skip
             continue
-        reference.append(ReferenceValue(call.path, call.class_name, call.output))
+        truth = exact.get(call.path)
+        if truth is not None and (call.output is None or truth.shape != call.output.shape):
+            truth = None
+        reference.append(ReferenceValue(call.path, call.class_name, call.output, truth))
     candidate_values = {
         path: CandidateValue(name, _describe(producers[name][1]), outputs[name])
         for path, name in values.items()
@@ -417,9 +423,11 @@ def bisect_onnx(
     provider: str = CPU,
     inputs_label: str = "",
     policy: TolerancePolicy = DEFAULT_POLICY,
+    reference_feeds: Mapping[str, np.ndarray] | None = None,
 ) -> Bisection:
     """Compare intermediate values of two graphs, by module path when both carry module names
-    (so renamed or folded nodes still line up), else by value name."""
+    (so renamed or folded nodes still line up), else by value name. ``reference_feeds``: the
+    same inputs under the reference's input names, when they differ."""
     ref_modules = _ordered_module_values(reference.graph)
     cand_modules = {k: v for k, v in module_output_values(candidate.graph).items() if k}
     cand_producers = _producers(candidate.graph)
@@ -438,7 +446,9 @@ def bisect_onnx(
             if v and v not in graph_inputs
         ]
         cand_map = {v: v for v in cand_producers}
-    ref_out = _run_exposed(reference, [v for _, v, _ in ref_entries], feeds, provider)
+    ref_out = _run_exposed(
+        reference, [v for _, v, _ in ref_entries], reference_feeds or feeds, provider
+    )
     cand_out = _run_exposed(candidate, sorted(set(cand_map.values())), feeds, provider)
     ref_values = [ReferenceValue(k, op, ref_out.get(v)) for k, v, op in ref_entries]
     cand_values = {

@@ -4,15 +4,46 @@ Export's check, fold-bn's self-check, the census confirmation, ``verify`` and th
 turn two arrays into an :class:`ArrayComparison` through :class:`TolerancePolicy` and record it
 as a :class:`Check` (what was compared against what, where, on which inputs). Nothing here prints.
 
-The rule: an output passes when it has the expected shape, NaN/inf in the same places, and
-``|actual - expected| <= atol + rtol * |expected|`` elementwise (numpy.allclose), with ``atol``
-and ``rtol`` from the output's dtype and provider (:data:`DTYPE_TOLERANCE`) unless overridden.
+The rule: measure the noise instead of guessing it. Ground truth is the reference evaluated in
+float64 on the same inputs (:mod:`~normdeploy.verification.float64`). Per output, relative to the
+output's scale (not elementwise)::
+
+    e = max|candidate − truth| / max|truth|     the candidate's error
+    f = max|reference − truth| / max|truth|     the float32 reference's own error: the floor
+
+and the output passes when shapes agree, NaN/inf sit in the same places, and
+``e ≤ K · max(f, f_min)``. ``f`` is pooled per output: the largest floor over every input set
+that ran. ``f_min`` (:data:`FLOOR_MIN`, the dtype's unit roundoff) keeps an output that float32
+happens to compute exactly from getting a zero bound. Rules, by what is available:
+
+- ``float64``: a float64 reference exists (PyTorch's float64 copy, or a float64 copy of the
+  reference graph): the rule above.
+- ``float64-floor``: two float32 evaluations compared with each other (batch independence)
+  against the floor measured for that output.
+- ``nominal``: no float64 reference (a graph onnxruntime cannot run in double, e.g. with Conv; a
+  module that fails in float64): ``e = max|candidate − reference| / max|reference|`` against a
+  documented floor per dtype (:data:`NOMINAL_FLOOR`, the largest float32 floor measured on deep
+  nets, rounded up).
+- CUDA: onnxruntime enables TF32 for float32 matmuls and convolutions by default, so on CUDA the
+  floor is at least :data:`CUDA_FLOOR`.
+- 16-bit candidates (a graph converted to float16 or bfloat16): f_min is the candidate dtype's
+  unit roundoff, so a float16 graph against a float32 module may be off by K·2^-11 of scale.
+- ``fixed``: an ``atol``/``rtol`` override: ``|candidate − reference| ≤ atol + rtol·|reference|``
+  elementwise (numpy.allclose), for the outputs it names.
+- ``exact``: integer and bool outputs must be equal.
+
+K and f_min were chosen by measurement (``python benchmarks/tolerance_bench.py --seeds 4``;
+README, "Defaults, and why"): on deep pre-activation BN stacks (40 blocks), RepVGG-, DenseNet- and
+MobileViT-shaped nets, transformers, a wide-range head and a B×B model, over 4 seeds and both
+exporters, honest exports reach e/f ≤ 1.5 on final outputs, ≤ 2.3 in the census and ≤ 4.8 on
+bisection probes. ``K = 10`` leaves 2× headroom over the worst of them, and every fault that
+moves an output 20 floors fails (e ≥ 20·f − e_honest > 10·f), as does any beyond about 11.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,8 +51,9 @@ import numpy as np
 import onnx
 
 from normdeploy.errors import first_line
-from normdeploy.onnx_graph import graph_input_specs
-from normdeploy.verification.feeds import make_feeds
+from normdeploy.onnx_graph import InputSpec, graph_input_specs
+from normdeploy.verification.feeds import batch_axes, stress_feed_sets
+from normdeploy.verification.float64 import Float64Graph
 from normdeploy.verification.runners import CPU, CUDA, OrtRunner
 
 # Check kinds: what the candidate was compared against.
@@ -33,9 +65,33 @@ GRAPH_VS_ORIGINAL = "graph-vs-original"  # a rewritten graph against the graph i
 MODULE_VS_TORCH = "module-vs-torch"  # one module's ONNX value against its PyTorch output
 MODULE_VS_ORACLE = "module-vs-oracle"  # one module's ONNX value against the float64 oracle
 
+# Rules (see the module docstring).
+FLOAT64 = "float64"
+FLOAT64_FLOOR = "float64-floor"
+NOMINAL = "nominal"
+FIXED = "fixed"
+EXACT_RULE = "exact"
+
+# How many times its float32 floor a candidate's error may be (measured; module docstring).
+K = 10.0
+# Unit roundoff per dtype: the smallest floor a computation in that dtype can claim.
+FLOOR_MIN = {
+    "float64": 2.0**-53,
+    "float32": 2.0**-24,
+    "float16": 2.0**-11,
+    "bfloat16": 2.0**-8,
+}
+# Floors when no float64 reference exists: the largest measured float32 floor on deep nets
+# (4.6e-7, benchmarks/tolerance_bench.py) rounded up; 16-bit types from their mantissa width.
+NOMINAL_FLOOR = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+# TF32 (10-bit mantissa) on CUDA: relative errors of ~1e-3 in deep float32 nets are honest.
+CUDA_FLOOR = 1e-3
+
 
 @dataclass(frozen=True)
 class Tolerance:
+    """A fixed elementwise bound: ``|actual - expected| <= atol + rtol * |expected|``."""
+
     atol: float
     rtol: float
 
@@ -43,23 +99,19 @@ class Tolerance:
         return f"atol={self.atol:g}, rtol={self.rtol:g}"
 
 
-# Defaults per dtype. fp32: PyTorch and onnxruntime pick different conv/gemm kernels and
-# summation orders; deep fp32 nets differ by ~1e-6 relative, so 1e-4 leaves headroom while a
-# 1e-3 weight error still fails. fp16/bf16: 10/7 mantissa bits.
+# Fixed bounds per dtype: only the half of an ``atol``/``rtol`` override the user left out.
 DTYPE_TOLERANCE = {
     "float64": Tolerance(1e-9, 1e-7),
     "float32": Tolerance(1e-4, 1e-4),
     "float16": Tolerance(1e-2, 1e-2),
     "bfloat16": Tolerance(5e-2, 5e-2),
 }
-# CUDA: cuDNN algorithm choice and TF32 matmuls (onnxruntime enables TF32 by default on Ampere+)
-# give ~1e-3 relative differences in fp32.
 CUDA_FP32 = Tolerance(2e-3, 2e-3)
 EXACT = Tolerance(0.0, 0.0)  # integers and bools must match exactly
 
 
 def default_tolerance(dtype: Any, provider: str | None = None) -> Tolerance:
-    """Documented default tolerance for an output dtype on a provider."""
+    """The fixed elementwise bound for an output dtype on a provider (override defaults)."""
     name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
     if name == "float32" and provider == CUDA:
         return CUDA_FP32
@@ -68,10 +120,14 @@ def default_tolerance(dtype: Any, provider: str | None = None) -> Tolerance:
 
 @dataclass(frozen=True)
 class ArrayComparison:
-    """Statistics of ``actual`` against ``expected`` for one output.
+    """Statistics of ``actual`` against ``expected`` for one output, and the verdict's numbers.
 
-    The statistics are None when there was nothing to measure (a shape mismatch, a failed run);
-    ``detail`` then says why.
+    ``max_abs`` … ``actual_at_worst`` describe actual against the reference as it ran (float32
+    PyTorch, or the reference graph). ``error``, ``floor``, ``floor_used``, ``bound`` and
+    ``usage`` are the policy's: e, f (None when not measured), max(f, f_min) or the nominal floor,
+    K·floor_used, and e / bound (the share of the bound used; ≤ 1 passes). ``atol`` is the bound
+    as an absolute difference (``rtol`` 0) under the scale-relative rules. The statistics are
+    None when there was nothing to measure (a shape mismatch, a failed run); ``detail`` says why.
     """
 
     name: str
@@ -89,120 +145,350 @@ class ArrayComparison:
     passed: bool
     needed_atol: float | None
     detail: str = ""
+    rule: str = FIXED
+    error: float | None = None
+    floor: float | None = None
+    floor_used: float | None = None
+    bound: float | None = None
+    usage: float | None = None
 
     def __bool__(self) -> bool:
         return self.passed
 
     @property
+    def ratio(self) -> float | None:
+        """e / max(f, f_min): how many floors the error is."""
+        if self.error is None or not self.floor_used:
+            return None
+        return self.error / self.floor_used
+
+    @property
+    def margin(self) -> float | None:
+        """bound / e: how many times larger the error could grow and still pass (None: e=0)."""
+        if self.usage is None or self.usage == 0:
+            return None
+        return 1.0 / self.usage
+
+    @property
     def severity(self) -> float:
-        """How far outside (or inside) its tolerance: sorts the worst comparison last."""
-        return math.inf if self.needed_atol is None else self.needed_atol
+        """How far into (or past) its bound: sorts the worst comparison last."""
+        return math.inf if self.usage is None else self.usage
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
         d["worst_index"] = list(self.worst_index)
+        d["ratio"] = self.ratio
+        d["margin"] = self.margin
         return d
 
 
 def _unmeasured(
-    name: str, shape: tuple[int, ...], dtype: str, tolerance: Tolerance, detail: str
+    name: str, shape: tuple[int, ...], dtype: str, detail: str, rule: str = FIXED
 ) -> ArrayComparison:
     return ArrayComparison(
-        name, shape, dtype, None, None, None, None, (), None, None,
-        tolerance.atol, tolerance.rtol, False, None, detail,
+        name, shape, dtype, None, None, None, None, (), None, None, 0.0, 0.0, False, None,
+        detail, rule,
     )  # fmt: skip
 
 
-def compare_arrays(
-    name: str, expected: np.ndarray, actual: np.ndarray, tolerance: Tolerance
-) -> ArrayComparison:
-    """Compare two arrays in float64; see the module docstring for the pass rule."""
-    e = np.asarray(expected)
-    a = np.asarray(actual)
+def scale_relative_error(actual: np.ndarray, truth: np.ndarray) -> float:
+    """``max|actual − truth| / max|truth|`` over entries finite in both (0 when none are);
+    the one measure of e and f. A zero-scale truth is floored at float32's smallest normal."""
+    a = np.asarray(actual, np.float64)
+    t = np.asarray(truth, np.float64)
+    delta = np.subtract(a, t)
+    np.abs(delta, out=delta)
+    if not math.isfinite(float(delta.sum())):  # a sum is finite exactly when every entry is
+        both = np.isfinite(a) & np.isfinite(t)
+        if not both.any():
+            return 0.0
+        a, t, delta = a[both], t[both], delta[both]
+    diff = float(np.max(delta))
+    if diff == 0:
+        return 0.0
+    return diff / max(float(np.max(np.abs(t))), float(np.finfo(np.float32).tiny))
+
+
+def _describe(
+    name: str, e64: np.ndarray, a64: np.ndarray, judged: np.ndarray, dtype: str
+) -> dict[str, Any]:
+    """Descriptive statistics of actual against expected; the worst element is where
+    ``judged`` (what the rule measures) is largest."""
+    # In place where possible: outputs can hold millions of entries.
+    diff = np.subtract(a64, e64)
+    np.abs(diff, out=diff)
+    total = float(diff.sum())  # finite exactly when every difference is (the common case)
+    same_nonfinite = all_finite = math.isfinite(total)
+    ef, af = e64.ravel(), a64.ravel()
+    if not all_finite:
+        e_fin, a_fin = np.isfinite(e64), np.isfinite(a64)
+        both = e_fin & a_fin
+        diff = np.where(e_fin == a_fin, np.where(both, diff, 0.0), np.inf)
+        ef, af = e64[both], a64[both]
+        same_nonfinite = bool(
+            np.array_equal(e_fin, a_fin)
+            and np.array_equal(e64[~e_fin], a64[~a_fin], equal_nan=True)
+        )
+        total = float(diff.sum())
+    # Floor the denominator at float32's smallest normal so an exact 0 does not overflow.
+    rel = np.abs(e64)
+    np.maximum(rel, np.finfo(np.float32).tiny, out=rel)
+    with np.errstate(invalid="ignore"):
+        np.divide(diff, rel, out=rel)
+    worst = tuple(int(i) for i in np.unravel_index(int(np.argmax(judged)), e64.shape))
+    # einsum, not BLAS: a BLAS dot wakes its thread pool and took 8 ms for 200k elements on a
+    # loaded 2-core machine (einsum: 0.1 ms).
+    denom = math.sqrt(float(np.einsum("i,i->", ef, ef)) * float(np.einsum("i,i->", af, af)))
+    dot = float(np.einsum("i,i->", ef, af))
+    cosine = dot / denom if denom > 0 else (1.0 if np.array_equal(ef, af) else 0.0)
+    return {
+        "name": name,
+        "shape": tuple(int(s) for s in a64.shape),
+        "dtype": dtype,
+        "max_abs": float(np.max(diff)),
+        "max_rel": float(rel.max() if all_finite else np.nanmax(rel)),
+        "mean_abs": total / diff.size,
+        "cosine": cosine,
+        "worst_index": worst,
+        "expected_at_worst": float(e64[worst]),
+        "actual_at_worst": float(a64[worst]),
+        "same_nonfinite": same_nonfinite,
+    }
+
+
+def _trivial(
+    name: str, e: np.ndarray, a: np.ndarray, rule: str, atol: float = 0.0, rtol: float = 0.0
+) -> ArrayComparison | None:
+    """The comparison when there is nothing to measure: a shape mismatch (fails) or empty
+    arrays (pass); None otherwise."""
     if e.shape != a.shape:
         return _unmeasured(
-            name, tuple(a.shape), str(a.dtype), tolerance,
-            f"shape mismatch: expected {tuple(e.shape)}, got {tuple(a.shape)}",
+            name, tuple(a.shape), str(a.dtype),
+            f"shape mismatch: expected {tuple(e.shape)}, got {tuple(a.shape)}", rule,
         )  # fmt: skip
-    e64 = e.astype(np.float64)
-    a64 = a.astype(np.float64)
     if e.size == 0:
         return ArrayComparison(
-            name, tuple(a.shape), str(a.dtype), 0.0, 0.0, 0.0, 1.0, (), None, None,
-            tolerance.atol, tolerance.rtol, True, 0.0,
+            name, tuple(a.shape), str(a.dtype), 0.0, 0.0, 0.0, 1.0, (), None, None, atol, rtol,
+            True, 0.0, "", rule, 0.0, None, None, None, 0.0,
         )  # fmt: skip
-    e_fin, a_fin = np.isfinite(e64), np.isfinite(a64)
-    same_nonfinite = bool(
-        np.array_equal(e_fin, a_fin)
-        and np.array_equal(e64[~e_fin], a64[~a_fin], equal_nan=True)
-    )
-    both = e_fin & a_fin
+    return None
+
+
+def compare_arrays(
+    name: str,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    tolerance: Tolerance,
+    *,
+    rule: str = FIXED,
+    truth: np.ndarray | None = None,
+) -> ArrayComparison:
+    """The fixed elementwise rule (``rule`` names it: ``fixed`` or ``exact``); with ``truth``,
+    e is reported beside it."""
+    e = np.asarray(expected)
+    a = np.asarray(actual)
+    if (early := _trivial(name, e, a, rule, tolerance.atol, tolerance.rtol)) is not None:
+        return early
+    e64, a64 = e.astype(np.float64), a.astype(np.float64)
+    both = np.isfinite(e64) & np.isfinite(a64)
     diff = np.where(both, np.abs(a64 - e64), 0.0)
-    diff = np.where(e_fin == a_fin, diff, np.inf)
-    # Floor the denominator at float32's smallest normal so an exact 0 does not overflow.
-    rel = diff / np.maximum(np.abs(e64), np.finfo(np.float32).tiny)
-    rel = np.where(diff == 0, 0.0, rel)
+    diff = np.where(np.isfinite(e64) == np.isfinite(a64), diff, np.inf)
     scaled = tolerance.rtol * np.where(both, np.abs(e64), 0.0)
-    excess = diff - scaled
-    flat_worst = int(np.argmax(excess))
-    worst = tuple(int(i) for i in np.unravel_index(flat_worst, e.shape))
-    ef, af = e64[both].ravel(), a64[both].ravel()
-    denom = float(np.linalg.norm(ef) * np.linalg.norm(af))
-    cosine = float(ef @ af / denom) if denom > 0 else (1.0 if np.array_equal(ef, af) else 0.0)
-    passed = same_nonfinite and bool(np.all(diff <= tolerance.atol + scaled))
+    allowed = tolerance.atol + scaled
+    excess = diff - scaled  # the atol that would have passed, given rtol
+    stats = _describe(name, e64, a64, excess, str(a.dtype))
+    same_nonfinite = stats.pop("same_nonfinite")
+    passed = same_nonfinite and bool(np.all(diff <= allowed))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shares = np.where(diff == 0, 0.0, diff / allowed)
+    usage = float(np.max(shares))
+    error = None if truth is None else scale_relative_error(a64, truth)
     return ArrayComparison(
-        name=name,
-        shape=tuple(int(s) for s in a.shape),
-        dtype=str(a.dtype),
-        max_abs=float(np.max(diff)),
-        max_rel=float(np.max(rel)),
-        mean_abs=float(np.mean(diff)),
-        cosine=cosine,
-        worst_index=worst,
-        expected_at_worst=float(e64[worst]),
-        actual_at_worst=float(a64[worst]),
+        **stats,
         atol=tolerance.atol,
         rtol=tolerance.rtol,
         passed=passed,
         needed_atol=float(max(0.0, np.max(excess))),
         detail="" if same_nonfinite else "NaN/inf in different places",
+        rule=rule,
+        error=error,
+        usage=usage if math.isfinite(usage) and same_nonfinite else None,
     )
+
+
+def compare_scaled(
+    name: str,
+    expected: np.ndarray,
+    actual: np.ndarray,
+    *,
+    floor_min: float,
+    k: float = K,
+    truth: np.ndarray | None = None,
+    floor: float | None = None,
+    nominal: float | None = None,
+) -> ArrayComparison:
+    """The scale-relative rules: ``float64`` with ``truth`` (``floor`` measured here when not
+    given), ``float64-floor`` with ``floor`` alone, else ``nominal`` (floor ``nominal``)."""
+    e = np.asarray(expected)
+    a = np.asarray(actual)
+    rule = FLOAT64 if truth is not None else (FLOAT64_FLOOR if floor is not None else NOMINAL)
+    if (early := _trivial(name, e, a, rule)) is not None:
+        return early
+    e64, a64 = e.astype(np.float64), a.astype(np.float64)
+    t64 = e64 if truth is None else np.asarray(truth, np.float64)
+    if t64.shape != e64.shape:
+        raise ValueError(f"{name}: truth shape {t64.shape} differs from {e64.shape}")
+    if truth is not None and floor is None:
+        floor = scale_relative_error(e64, t64)
+    floor_used = max(floor_min, floor if floor is not None else (nominal or floor_min))
+    bound = k * floor_used
+    judged = np.subtract(a64, t64)  # what the rule measures, elementwise
+    np.abs(judged, out=judged)
+    magnitude = np.abs(t64)
+    if math.isfinite(float(judged.sum())):  # then the truth is finite too
+        scale = float(magnitude.max())
+        worst = float(judged.max())
+        error = 0.0 if worst == 0 else worst / max(scale, float(np.finfo(np.float32).tiny))
+    else:  # NaN/inf somewhere: the one definition, over entries finite in both
+        judged = np.nan_to_num(judged, nan=np.inf)
+        finite_t = magnitude[np.isfinite(magnitude)]
+        scale = float(finite_t.max()) if finite_t.size else 0.0
+        error = scale_relative_error(a64, t64)
+    stats = _describe(name, e64, a64, judged, str(a.dtype))
+    same_nonfinite = stats.pop("same_nonfinite")
+    return ArrayComparison(
+        **stats,
+        atol=bound * scale,
+        rtol=0.0,
+        passed=same_nonfinite and error <= bound,
+        needed_atol=error * scale,
+        detail="" if same_nonfinite else "NaN/inf in different places",
+        rule=rule,
+        error=error,
+        floor=floor,
+        floor_used=floor_used,
+        bound=bound,
+        usage=error / bound if same_nonfinite else None,
+    )
+
+
+Bounds = Mapping[str, float]
+
+
+def _named_bounds(value: float | Bounds | None) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): float(v) for k, v in value.items()}
+    return {"*": float(value)}
 
 
 @dataclass(frozen=True)
 class TolerancePolicy:
     """The one rule every comparison in the package uses (see the module docstring).
 
-    ``atol``/``rtol`` replace the per-dtype default for every output; ``tolerance`` replaces the
-    whole default.
+    ``atol``/``rtol`` (one value, or per output name with ``"*"`` for every other output) give
+    the outputs they cover a fixed elementwise bound instead of the measured-noise rule; the
+    other half of the bound comes from :data:`DTYPE_TOLERANCE`. ``tolerance`` does so for every
+    output. ``k`` is the rule's K.
     """
 
-    atol: float | None = None
-    rtol: float | None = None
+    atol: float | Bounds | None = None
+    rtol: float | Bounds | None = None
     tolerance: Tolerance | None = None
+    k: float = K
 
-    def tolerance_for(self, dtype: Any, provider: str = CPU) -> Tolerance:
+    def overridden(self) -> set[str]:
+        """Output names with a fixed bound ("*": every output)."""
+        if self.tolerance is not None:
+            return {"*"}
+        return set(_named_bounds(self.atol)) | set(_named_bounds(self.rtol))
+
+    def fixed_tolerance(
+        self, output: str, dtype: Any, provider: str = CPU
+    ) -> Tolerance | None:
+        """The fixed elementwise bound for ``output``, or None when the measured rule applies."""
+        atol, rtol = _named_bounds(self.atol), _named_bounds(self.rtol)
+        a = atol.get(output, atol.get("*"))
+        r = rtol.get(output, rtol.get("*"))
+        if self.tolerance is None and a is None and r is None:
+            return None
         base = self.tolerance or default_tolerance(dtype, provider)
-        return Tolerance(
-            base.atol if self.atol is None else float(self.atol),
-            base.rtol if self.rtol is None else float(self.rtol),
-        )
+        return Tolerance(base.atol if a is None else a, base.rtol if r is None else r)
+
+    def floor_min(self, dtype: Any, provider: str = CPU) -> float:
+        """f_min for an output dtype on a provider (CUDA: at least :data:`CUDA_FLOOR`)."""
+        name = np.dtype(dtype).name
+        low = FLOOR_MIN.get(name, FLOOR_MIN["float32"])
+        return max(low, CUDA_FLOOR) if provider == CUDA else low
+
+    def nominal_floor(self, dtype: Any, provider: str = CPU) -> float:
+        """The floor used when no float64 reference exists."""
+        name = np.dtype(dtype).name
+        nominal = NOMINAL_FLOOR.get(name, NOMINAL_FLOOR["float32"])
+        return max(nominal, CUDA_FLOOR) if provider == CUDA else nominal
 
     def compare(
-        self, name: str, expected: np.ndarray, actual: np.ndarray, provider: str = CPU
+        self,
+        name: str,
+        expected: np.ndarray,
+        actual: np.ndarray,
+        provider: str = CPU,
+        *,
+        truth: np.ndarray | None = None,
+        floor: float | None = None,
+        output: str | None = None,
     ) -> ArrayComparison:
-        dtype = np.asarray(actual).dtype
-        return compare_arrays(name, expected, actual, self.tolerance_for(dtype, provider))
+        """``actual`` against ``expected`` (the reference as it ran) under the rule that applies
+        to ``output`` (default ``name``): see the module docstring."""
+        actual = np.asarray(actual)
+        dtype = actual.dtype
+        if dtype.kind not in "fc":
+            return compare_arrays(name, expected, actual, EXACT, rule=EXACT_RULE)
+        fixed = self.fixed_tolerance(output or name, dtype, provider)
+        if fixed is not None:
+            usable = truth if truth is not None and np.shape(truth) == actual.shape else None
+            return compare_arrays(name, expected, actual, fixed, truth=usable)
+        return compare_scaled(
+            name, expected, actual, floor_min=self.floor_min(dtype, provider), k=self.k,
+            truth=truth, floor=floor, nominal=self.nominal_floor(dtype, provider),
+        )  # fmt: skip
 
     def describe(self) -> str:
         """The rule in words, for reports."""
-        if self.tolerance is None and self.atol is None and self.rtol is None:
-            return "per-dtype defaults (fp32 atol=rtol=1e-4; CUDA fp32 2e-3; fp16 1e-2)"
-        return str(self.tolerance_for(np.float32))
+        rule = (
+            f"e = max|candidate − float64 truth| / max|truth| ≤ {self.k:g}·max(f, f_min), "
+            "f = the float32 reference's own error (nominal floor where no float64 reference "
+            "exists)"
+        )
+        fixed = self.overridden()
+        if not fixed:
+            return rule
+        if "*" in fixed and len(fixed) == 1:
+            return "fixed elementwise bound: " + str(self.fixed_tolerance("*", np.float32))
+        return rule + "; fixed elementwise bound for " + ", ".join(sorted(fixed))
 
 
 DEFAULT_POLICY = TolerancePolicy()
+
+
+def pooled_floors(
+    references: Iterable[Mapping[str, np.ndarray]], truths: Iterable[Mapping[str, np.ndarray]]
+) -> dict[str, float]:
+    """Per output, the largest float32 floor (reference against truth) over every input set."""
+    floors: dict[str, float] = {}
+    for ref, truth in zip(references, truths, strict=True):
+        for name, value in ref.items():
+            t = truth.get(name)
+            if (
+                t is None
+                or np.shape(t) != np.shape(value)
+                or np.asarray(value).dtype.kind != "f"
+            ):
+                continue
+            floors[name] = max(floors.get(name, 0.0), scale_relative_error(value, t))
+    return floors
 
 
 @dataclass(frozen=True)
@@ -214,6 +500,7 @@ class Check:
     inputs: str
     comparison: ArrayComparison
     batch_size: int | None = None
+    input_shapes: str = ""
 
     @property
     def passed(self) -> bool:
@@ -228,6 +515,7 @@ class Check:
             "provider": self.provider,
             "inputs": self.inputs,
             "batch_size": self.batch_size,
+            "input_shapes": self.input_shapes,
             **self.comparison.to_dict(),
         }
 
@@ -238,7 +526,7 @@ def failed_check(
 ) -> Check:  # fmt: skip
     """A check whose run failed: no statistics, the cause in ``detail``."""
     message = exc if isinstance(exc, str) else first_line(exc, 200)
-    comp = _unmeasured(name, (), "-", EXACT, f"{what} failed: {message}")
+    comp = _unmeasured(name, (), "-", f"{what} failed: {message}")
     return Check(kind, provider, inputs, comp, batch_size)
 
 
@@ -248,6 +536,12 @@ class OutputPairing:
 
     pairs: tuple[tuple[str, str], ...]
     by: str  # "name" | "position"
+
+    def describe(self, what: str = "outputs") -> str:
+        if self.by == "name":
+            return f"{what} matched by name"
+        pairs = ", ".join(f"{e} ↔ {a}" for e, a in self.pairs if e != a)
+        return f"{what} matched by position (names differ: {pairs})"
 
 
 def pair_outputs(expected: Sequence[str], actual: Sequence[str]) -> OutputPairing | None:
@@ -260,6 +554,33 @@ def pair_outputs(expected: Sequence[str], actual: Sequence[str]) -> OutputPairin
     return OutputPairing(tuple(zip(expected, actual, strict=True)), "position")
 
 
+def _dims_agree(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(
+        not (isinstance(x, int) and isinstance(y, int)) or x == y
+        for x, y in zip(a, b, strict=True)
+    )
+
+
+def pair_inputs(
+    reference: Sequence[InputSpec], candidate: Sequence[InputSpec]
+) -> OutputPairing | str:
+    """Reference input for each candidate input: by name when the names agree, else by
+    position when count, ranks, static dims and dtypes agree. The reason when neither works."""
+    ref_names = [s.name for s in reference]
+    names = [s.name for s in candidate]
+    if sorted(ref_names) == sorted(names):
+        return OutputPairing(tuple((n, n) for n in names), "name")
+    if len(reference) != len(candidate):
+        return f"{len(reference)} input(s) vs {len(candidate)}"
+    for r, c in zip(reference, candidate, strict=True):
+        if r.dtype != c.dtype or not _dims_agree(r.shape, c.shape):
+            return (
+                f"inputs differ by name and at position {names.index(c.name)} "
+                f"({r.name}: {r.dtype} {list(r.shape)} vs {c.name}: {c.dtype} {list(c.shape)})"
+            )
+    return OutputPairing(tuple(zip(ref_names, names, strict=True)), "position")
+
+
 def compare_outputs(
     expected: Mapping[str, np.ndarray],
     actual: Mapping[str, np.ndarray],
@@ -270,9 +591,12 @@ def compare_outputs(
     policy: TolerancePolicy = DEFAULT_POLICY,
     batch_size: int | None = None,
     suffix: str = "",
+    truth: Mapping[str, np.ndarray] | None = None,
+    floors: Mapping[str, float] | None = None,
+    input_shapes: str = "",
 ) -> list[Check]:
     """One check per output pair (see :func:`pair_outputs`); a count mismatch is one failed
-    check."""
+    check. ``truth`` and ``floors`` are keyed by the expected names."""
     pairing = pair_outputs(list(expected), list(actual))
     if pairing is None:
         return [
@@ -286,8 +610,17 @@ def compare_outputs(
             kind,
             provider,
             inputs,
-            policy.compare(f"{a_name}{suffix}", expected[e_name], actual[a_name], provider),
+            policy.compare(
+                f"{a_name}{suffix}",
+                expected[e_name],
+                actual[a_name],
+                provider,
+                truth=None if truth is None else truth.get(e_name),
+                floor=None if floors is None else floors.get(e_name),
+                output=a_name,
+            ),
             batch_size,
+            input_shapes,
         )
         for e_name, a_name in pairing.pairs
     ]
@@ -302,27 +635,37 @@ def compare_graphs(
     batch_sizes: Sequence[int] = (1, 2),
     seed: int = 0,
     dim_values: Mapping[str, int] | None = None,
+    truth: Float64Graph | None = None,
+    specs: Sequence[InputSpec] | None = None,
 ) -> tuple[Check, ...]:
     """ONNX vs ONNX on the same seeded stress inputs, both as written (optimizations off).
 
-    Checks are named ``output@bN``; static batch dims keep their size, so duplicates drop.
+    Ground truth is ``truth`` (a float64 copy of the reference graph, made here from a
+    ModelProto reference when not given); without one the nominal rule applies. ``specs`` saves
+    re-reading the reference's inputs. Checks are named ``output@bN``; static batch dims keep
+    their size, so duplicates drop.
     """
     ref_runner = OrtRunner(reference, provider)
     cand_runner = OrtRunner(candidate, provider)
-    specs = graph_input_specs(_header_proto(reference))
+    if specs is None:
+        specs = graph_input_specs(_header_proto(reference))
+    if truth is None and isinstance(reference, onnx.ModelProto):
+        truth = Float64Graph.of(reference)
+    feed_sets, _ = stress_feed_sets(specs, batch_sizes, 1, dim_values, batch_axes(specs))
+    runs = []
+    for fs in feed_sets:
+        ref = ref_runner.infer(fs.feeds)
+        exact = truth.infer(fs.feeds) if truth is not None and truth.available else None
+        runs.append((fs, ref, cand_runner.infer(fs.feeds), exact))
+    truths = [r[3] for r in runs if r[3] is not None]
+    floors = pooled_floors([r[1] for r in runs], truths) if len(truths) == len(runs) else None
     checks: list[Check] = []
-    seen: set[Any] = set()
-    for batch in batch_sizes:
-        feeds = make_feeds(specs, batch, seed, dim_values)
-        key = tuple((k, v.shape) for k, v in feeds.items())
-        if key in seen:
-            continue
-        seen.add(key)
-        ran = next((v.shape[0] for v in feeds.values() if v.ndim), batch)
+    for fs, ref, cand, exact in runs:
         checks += compare_outputs(
-            ref_runner.infer(feeds), cand_runner.infer(feeds),
-            kind=GRAPH_VS_ORIGINAL, provider=provider, inputs=f"b{ran}/seed{seed}",
-            policy=policy, batch_size=int(ran), suffix=f"@b{batch}",
+            ref, cand, kind=GRAPH_VS_ORIGINAL, provider=provider, inputs=fs.label,
+            policy=policy, batch_size=fs.batch_size, suffix=f"@b{fs.batch_size}",
+            truth=exact if floors is not None else None, floors=floors,
+            input_shapes=fs.shapes(),
         )  # fmt: skip
     return tuple(checks)
 

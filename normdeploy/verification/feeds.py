@@ -4,6 +4,12 @@ Stress inputs are signed, carry a few large outliers and one constant channel (z
 its spatial extent), so that normalization layers are exercised where they go wrong; integer
 inputs (token ids, indices) get small non-negative values. User feeds come from an ``.npz`` (one
 array per graph input name) or a mapping, checked against the graph's names, ranks and dtypes.
+
+The batch axis of an input is its dim named ``batch`` (axis 0 when none is), or what the caller
+says (``batch_axis``). For each seed the inputs are drawn once at the largest batch size and the
+smaller batch sizes are its leading samples, so a batch-1 run is sample 0 of the batch-3 run: the
+batch-independence check needs no extra run. :func:`check_input_shapes` refuses a requested input
+shape the graph cannot take.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from numpy.random import default_rng
 
 from normdeploy.budget import array_bytes, check_allocation, describe_shapes, generation_bytes
 from normdeploy.errors import (
@@ -27,6 +34,11 @@ from normdeploy.io import check_input_file, describe_content
 from normdeploy.onnx_graph import InputSpec
 
 SYMBOLIC_DEFAULT = 8  # value for a symbolic non-batch dim nothing else sizes
+BATCH_DIM_NAME = (
+    "batch"  # the dim name exporters (and normdeploy's export) give the batch axis
+)
+
+BatchAxis = int | Mapping[str, int]
 
 
 def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -45,24 +57,90 @@ def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def concrete_shape(
-    spec: InputSpec, batch_size: int | None, dim_values: Mapping[str, int] | None = None
-) -> tuple[int, ...]:
-    """Fill symbolic dims: the first with ``batch_size``, named ones from ``dim_values``, else 8.
+def default_batch_axis(spec: InputSpec) -> int:
+    """The input's dim named ``batch``, else axis 0."""
+    return next((i for i, d in enumerate(spec.shape) if d == BATCH_DIM_NAME), 0)
 
-    Static dims are kept as written, the batch dim included.
-    """
+
+def batch_axes(
+    specs: Sequence[InputSpec], batch_axis: BatchAxis | None = None
+) -> dict[str, int]:
+    """The batch axis of every input: ``batch_axis`` (one axis for all, or per input name),
+    else the dim named ``batch``, else 0. InvalidArgumentError for an unknown name or axis."""
+    names = [s.name for s in specs]
+    if isinstance(batch_axis, Mapping):
+        if unknown := sorted(set(batch_axis) - set(names)):
+            raise InvalidArgumentError(
+                f"batch_axis: no input named {', '.join(map(repr, unknown))} "
+                f"(graph inputs: {', '.join(names)})"
+            )
+        chosen: dict[str, int | None] = {n: batch_axis.get(n) for n in names}
+    else:
+        chosen = dict.fromkeys(names, batch_axis)
+    axes = {}
+    for spec in specs:
+        axis = chosen[spec.name]
+        if axis is None:
+            axes[spec.name] = default_batch_axis(spec)
+            continue
+        if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
+            raise InvalidArgumentError(f"batch_axis: {axis!r} must be an integer >= 0")
+        if spec.shape and axis >= len(spec.shape):
+            raise InvalidArgumentError(
+                f"batch_axis: input '{spec.name}' has rank {len(spec.shape)}, no axis {axis}"
+            )
+        axes[spec.name] = axis
+    return axes
+
+
+def concrete_shape(
+    spec: InputSpec,
+    batch_size: int | None,
+    dim_values: Mapping[str, int] | None = None,
+    batch_axis: int = 0,
+) -> tuple[int, ...]:
+    """Fill symbolic dims: the batch axis with ``batch_size``, named ones from ``dim_values``,
+    else 8. Static dims are kept as written, the batch dim included."""
     out = []
     for i, d in enumerate(spec.shape):
         if isinstance(d, int) and d > 0:
             out.append(d)
+        elif i == batch_axis and batch_size is not None:
+            out.append(batch_size)
         elif isinstance(d, str) and dim_values and d in dim_values:
             out.append(int(dim_values[d]))
-        elif i == 0 and batch_size is not None:
-            out.append(batch_size)
         else:
             out.append(SYMBOLIC_DEFAULT)
     return tuple(out)
+
+
+def check_input_shapes(
+    specs: Sequence[InputSpec], shapes: Sequence[Sequence[int]], what: str = "input_shapes"
+) -> None:
+    """Refuse requested input shapes the graph cannot take: another count or rank, or a
+    static dim of another size. InvalidArgumentError naming the input and the dim."""
+    if len(shapes) != len(specs):
+        raise InvalidArgumentError(
+            f"{what}: {len(shapes)} shape(s) given, the graph has {len(specs)} input(s) "
+            f"({', '.join(s.name for s in specs)})"
+        )
+    for spec, shape in zip(specs, shapes, strict=True):
+        given = "x".join(map(str, shape))
+        if spec.shape and len(shape) != len(spec.shape):
+            raise InvalidArgumentError(
+                f"{what}: {given} has rank {len(shape)}, the graph's input '{spec.name}' has "
+                f"rank {len(spec.shape)} {_dims(spec)}"
+            )
+        for i, (d, n) in enumerate(zip(spec.shape, shape, strict=False)):
+            if isinstance(d, int) and d > 0 and d != n:
+                raise InvalidArgumentError(
+                    f"{what}: {given} does not fit the graph: input '{spec.name}' dim {i} is "
+                    f"fixed at {d} {_dims(spec)}, asked for {n}"
+                )
+
+
+def _dims(spec: InputSpec) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
 
 
 def stress_array(
@@ -121,13 +199,19 @@ def make_feeds(
     batch_size: int | None = None,
     seed: int = 0,
     dim_values: Mapping[str, int] | None = None,
+    axes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Seeded stress inputs for every graph input (sized against the memory budget first)."""
+    """Seeded stress inputs for every graph input (``axes``: batch axis per input name), sized
+    against the memory budget first."""
     check_feed_memory(specs, [batch_size], 1, dim_values)
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     try:
         return {
-            s.name: stress_array(concrete_shape(s, batch_size, dim_values), s.dtype, rng)
+            s.name: stress_array(
+                concrete_shape(s, batch_size, dim_values, (axes or {}).get(s.name, 0)),
+                s.dtype,
+                rng,
+            )
             for s in specs
         }
     except MemoryError as exc:  # within the budget, yet the machine said no
@@ -145,7 +229,7 @@ def feeds_like(
         f"stress inputs ({describe_shapes(shapes)})",
         sum(generation_bytes(shape, dtype) for _, shape, dtype in shapes),
     )
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     return {
         s.name: stress_array(tuple(x.shape), s.dtype, rng)
         for s, x in zip(specs, examples, strict=True)
@@ -154,11 +238,13 @@ def feeds_like(
 
 @dataclass(frozen=True)
 class FeedSet:
-    """One set of graph inputs: a label for reports and the batch size (None: user feeds)."""
+    """One set of graph inputs: a label for reports, the batch size (None: user feeds) and the
+    seed (None: user feeds)."""
 
     label: str
     batch_size: int | None
     feeds: dict[str, np.ndarray]
+    seed: int | None = None
 
     def shapes(self) -> str:
         return ", ".join(f"{k}{list(v.shape)}" for k, v in self.feeds.items())
@@ -177,30 +263,70 @@ def dim_values_from(specs: Sequence[InputSpec], examples: Sequence[Any]) -> dict
     return values
 
 
+def leading_samples(
+    feeds: Mapping[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    axes: Mapping[str, int],
+    n: int,
+) -> dict[str, np.ndarray]:
+    """The first ``n`` samples along each input's batch axis (inputs with a static batch dim
+    are kept whole)."""
+    out = {}
+    for spec in specs:
+        v = feeds[spec.name]
+        axis = axes.get(spec.name, 0)
+        if _symbolic_axis(spec, axis) and v.ndim > axis:
+            v = np.ascontiguousarray(np.take(v, np.arange(n), axis=axis))
+        out[spec.name] = v
+    return out
+
+
+def _symbolic_axis(spec: InputSpec, axis: int) -> bool:
+    return len(spec.shape) > axis and not isinstance(spec.shape[axis], int)
+
+
+def ran_batch(
+    feeds: Mapping[str, np.ndarray], specs: Sequence[InputSpec], axes: Mapping[str, int]
+) -> int | None:
+    """The batch size these feeds run at: the first input's size along its batch axis."""
+    for spec in specs:
+        v = feeds[spec.name]
+        axis = axes.get(spec.name, 0)
+        if v.ndim > axis:
+            return int(v.shape[axis])
+    return None
+
+
 def stress_feed_sets(
     specs: Sequence[InputSpec],
     batch_sizes: Sequence[int],
     seeds: int = 1,
     dim_values: Mapping[str, int] | None = None,
+    axes: Mapping[str, int] | None = None,
 ) -> tuple[list[FeedSet], list[str]]:
-    """One FeedSet per batch size and seed (duplicates dropped), and notes on what ran."""
+    """One FeedSet per batch size and seed (duplicates dropped), and notes on what ran.
+
+    Per seed the inputs are drawn at the largest batch size; smaller batch sizes take its
+    leading samples (see the module docstring).
+    """
     check_feed_memory(specs, batch_sizes, seeds, dim_values)  # all of them, before the first
+    axes = dict(axes or batch_axes(specs))
     sets: list[FeedSet] = []
     seen: set[Any] = set()
-    for batch in batch_sizes:
-        for seed in range(seeds):
-            feeds = make_feeds(specs, batch, seed, dim_values)
+    for seed in range(seeds):
+        full = make_feeds(specs, max(batch_sizes), seed, dim_values, axes)
+        for batch in batch_sizes:
+            feeds = leading_samples(full, specs, axes, batch)
             key = (seed, tuple((k, v.shape) for k, v in feeds.items()))
             if key in seen:
                 continue
             seen.add(key)
             # A static batch dim keeps its size: report the batch that actually ran.
-            ran = next((v.shape[0] for v in feeds.values() if v.ndim), batch)
-            sets.append(FeedSet(f"b{ran}/seed{seed}", int(ran), feeds))
+            ran = ran_batch(feeds, specs, axes) or batch
+            sets.append(FeedSet(f"b{ran}/seed{seed}", ran, feeds, seed))
+    sets.sort(key=lambda fs: (fs.batch_size or 0, fs.seed or 0))
     notes = []
-    fixed = [
-        s.name for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
-    ]
+    fixed = [s.name for s in specs if s.shape and not _symbolic_axis(s, axes[s.name])]
     if fixed:
         ran_sizes = sorted({f.batch_size for f in sets if f.batch_size})
         notes.append(

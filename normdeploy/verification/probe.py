@@ -21,7 +21,7 @@ from normdeploy.budget import check_allocation
 from normdeploy.errors import user_code
 from normdeploy.onnx_graph import np_dtype, value_shape
 from normdeploy.scopes import node_module_path
-from normdeploy.verification.runners import CPU, OrtRunner, to_numpy
+from normdeploy.verification.runners import CPU, OrtRunner, default_dtype, to_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -143,15 +143,24 @@ class ModuleCall:
     calls: int
 
 
-def trace_module_calls(module: torch.nn.Module, inputs: Sequence[Any]) -> list[ModuleCall]:
+def trace_module_calls(
+    module: torch.nn.Module, inputs: Sequence[Any], dtype: torch.dtype | None = None
+) -> list[ModuleCall]:
     """Every submodule's first output, in the order their forwards first finished (eval copy).
 
     Children finish before their parents, so the order is execution order for leaves. A module
-    called several times keeps its first output and reports the count.
+    called several times keeps its first output and reports the count. With ``dtype``
+    (``torch.float64`` for ground truth) the copy and the floating inputs are converted first.
     """
     import torch
 
     model = copy.deepcopy(module).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+        inputs = [
+            t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in inputs
+        ]
     firsts: dict[str, np.ndarray | None] = {}
     counts: dict[str, int] = {}
     classes: dict[str, str] = {}
@@ -171,7 +180,7 @@ def trace_module_calls(module: torch.nn.Module, inputs: Sequence[Any]) -> list[M
 
     handles = [m.register_forward_hook(hook_for(p)) for p, m in model.named_modules()]
     try:
-        with torch.no_grad(), user_code("the model's forward"):
+        with torch.no_grad(), default_dtype(dtype), user_code("the model's forward"):
             model(*inputs)
     finally:
         for h in handles:

@@ -10,13 +10,56 @@ from normdeploy.errors import VerificationFailed
 from normdeploy.modes import TrainModeReport
 from normdeploy.report import fmt_num, markdown_table, name_list, text_table
 from normdeploy.verification.bisection import Bisection
-from normdeploy.verification.compare import REFERENCE, Check
+from normdeploy.verification.compare import REFERENCE, ArrayComparison, Check
 from normdeploy.verification.runners import provider_alias
 
 
 def worst(checks: tuple[Check, ...] | list[Check]) -> Check | None:
     """The check furthest outside its tolerance (an unmeasured one first)."""
     return max(checks, key=lambda c: c.comparison.severity, default=None)
+
+
+def fmt_margin(comp: ArrayComparison) -> str:
+    """The verdict's margin, ``×bound/e``: how many times the error could grow and still pass."""
+    if comp.usage is None:
+        return "-"
+    return "∞" if comp.margin is None else f"×{comp.margin:.3g}"
+
+
+def describe_verdict(comp: ArrayComparison) -> str:
+    """One phrase with the verdict's numbers: e, f, e/f, the bound and the margin (or the fixed
+    bound's max |Δ|)."""
+    if comp.bound is None:
+        return (
+            f"max |Δ| = {fmt_num(comp.max_abs)} ({comp.rule}: atol={comp.atol:g}, "
+            f"rtol={comp.rtol:g})"
+        )
+    floor = "nominal " if comp.floor is None else ""
+    return (
+        f"e = {fmt_num(comp.error)} vs {floor}floor f = {fmt_num(comp.floor_used)} "
+        f"(e/f {fmt_num(comp.ratio)}, bound {fmt_num(comp.bound)}, margin {fmt_margin(comp)}; "
+        f"max |Δ| {fmt_num(comp.max_abs)}; rule {comp.rule})"
+    )
+
+
+def check_row(c: Check) -> list[str]:
+    """One table row for a check (verify's table; export's and fold-bn's reuse the cells)."""
+    comp = c.comparison
+    worst_cell = (
+        "-"
+        if comp.expected_at_worst is None
+        else f"[{','.join(map(str, comp.worst_index))}] "
+        f"{fmt_num(comp.expected_at_worst)} → {fmt_num(comp.actual_at_worst)}"
+    )
+    result = "ok" if comp.passed else "FAIL" + (f": {comp.detail}" if comp.detail else "")
+    rule = (
+        comp.rule if comp.rule not in ("fixed",) else f"atol={comp.atol:g} rtol={comp.rtol:g}"
+    )
+    return [
+        c.kind, provider_alias(c.provider), c.inputs, comp.name, fmt_num(comp.max_abs),
+        fmt_num(comp.error), fmt_num(comp.floor_used), fmt_num(comp.ratio), fmt_margin(comp),
+        worst_cell, rule, result,
+    ]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -35,6 +78,8 @@ class VerifyResult:
     train_mode: TrainModeReport | None = None
     bisection: Bisection | None = None
     notes: tuple[str, ...] = ()
+    tolerance: str = ""
+    inputs_ran: tuple[tuple[str, str], ...] = ()  # (input set, its input shapes)
 
     @property
     def passed(self) -> bool:
@@ -77,7 +122,7 @@ class VerifyResult:
         culprit = worst(self.failures)
         if culprit is not None:
             comp = culprit.comparison
-            measured = "" if comp.max_abs is None else f": max|Δ| {fmt_num(comp.max_abs)}"
+            measured = "" if comp.max_abs is None else f": {describe_verdict(comp)}"
             parts.append(
                 f"{len(self.failures)} check(s) failed ({', '.join(kinds)}); worst "
                 f"{comp.name} on {provider_alias(culprit.provider)}{measured}"
@@ -109,40 +154,27 @@ class VerifyResult:
             "train_mode": None if self.train_mode is None else self.train_mode.to_dict(),
             "bisection": None if self.bisection is None else self.bisection.to_dict(),
             "notes": list(self.notes),
+            "tolerance": self.tolerance,
+            "inputs_ran": [{"inputs": k, "shapes": v} for k, v in self.inputs_ran],
         }
 
     _HEADERS = (
-        "check", "provider", "inputs", "output", "max abs", "max rel", "mean abs", "cosine",
-        "worst [index] expected → actual", "tolerance", "result",
+        "check", "provider", "inputs", "output", "max abs", "error e", "floor f", "e/f",
+        "margin", "worst [index] expected → actual", "rule", "result",
     )  # fmt: skip
 
     def _rows(self) -> list[list[str]]:
-        rows = []
-        for c in self.checks:
-            comp = c.comparison
-            worst_cell = (
-                "-"
-                if comp.expected_at_worst is None
-                else f"[{','.join(map(str, comp.worst_index))}] "
-                f"{fmt_num(comp.expected_at_worst)} → {fmt_num(comp.actual_at_worst)}"
-            )
-            result = (
-                "ok" if comp.passed else "FAIL" + (f": {comp.detail}" if comp.detail else "")
-            )
-            cosine = "-" if comp.cosine is None else f"{comp.cosine:.6f}"
-            rows.append([
-                c.kind, provider_alias(c.provider), c.inputs, comp.name, fmt_num(comp.max_abs),
-                fmt_num(comp.max_rel), fmt_num(comp.mean_abs), cosine, worst_cell,
-                f"atol={comp.atol:g} rtol={comp.rtol:g}", result,
-            ])  # fmt: skip
-        return rows
+        return [check_row(c) for c in self.checks]
 
     def _summary_pairs(self) -> list[tuple[str, str]]:
+        ran = "; ".join(f"{label}: {shapes}" for label, shapes in self.inputs_ran)
         pairs = [
             ("reference", f"{self.reference} ({self.reference_kind})"),
             ("candidate", self.candidate),
             ("providers", ", ".join(self.providers)),
             ("batch sizes", ", ".join(map(str, self.batch_sizes)) + f"; seeds: {self.seeds}"),
+            ("inputs ran", ran or "-"),
+            ("tolerance", self.tolerance or "-"),
         ]
         if self.train_mode is not None:
             pairs.append(("module mode", self.train_mode.summary("verified against eval")))

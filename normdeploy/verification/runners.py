@@ -9,10 +9,11 @@ caller's module keeps its mode and its BatchNorm statistics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -108,6 +109,9 @@ def session_options(optimize: bool = False, threads: int | None = None) -> Any:
         else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
     so.log_severity_level = 4  # fatal only: errors arrive as exceptions, with their message
+    # Idle onnxruntime workers otherwise spin for a while after each run, taking the cores the
+    # PyTorch forwards that follow need (3x slower verify on a 2-core machine).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     return so
@@ -239,22 +243,26 @@ class TorchRunner:
     """Runs a deep copy of ``module`` in eval mode, no_grad, on ``device``: ``infer(feeds)``.
 
     Inputs are taken from ``feeds`` in ``input_names`` order; floating inputs are cast to the
-    module's parameter dtype. Outputs are named by position with ``output_names``.
+    module's parameter dtype. Outputs are named by position with ``output_names``. With
+    ``dtype`` (``torch.float64`` for ground truth) the copy's floating parameters and buffers
+    are converted to it and tensors the forward creates default to it.
     """
 
     module: torch.nn.Module
     input_names: Sequence[str]
     output_names: Sequence[str] | None = None
     device: str = "cpu"
+    dtype: torch.dtype | None = None
     _model: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self._model = copy.deepcopy(self.module).eval().to(self.device)
+        model = copy_module(self.module, self.dtype).eval()
+        self._model = model if self.device == "cpu" else model.to(self.device)
 
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
 
-        dtype = module_float_dtype(self._model)
+        dtype = self.dtype or module_float_dtype(self._model)
         out = []
         for name in self.input_names:
             t = from_numpy(feeds[name])
@@ -264,7 +272,8 @@ class TorchRunner:
         return out
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        arrays = module_outputs(self._model, self.args(feeds))
+        with default_dtype(self.dtype):
+            arrays = module_outputs(self._model, self.args(feeds))
         names = list(self.output_names or [f"output_{i}" for i in range(len(arrays))])
         if len(names) != len(arrays):
             raise InvalidArgumentError(
@@ -272,3 +281,39 @@ class TorchRunner:
                 f"{len(names)} output(s) ({', '.join(names)}); are these the same model?"
             )
         return dict(zip(names, arrays, strict=True))
+
+
+def copy_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A deep copy of ``module``; with ``dtype``, its floating parameters and buffers are
+    converted while copying (one copy of the weights, not two)."""
+    if dtype is None:
+        return copy.deepcopy(module)
+    import torch
+
+    memo: dict[int, Any] = {}
+    for param in module.parameters():
+        if param.is_floating_point():
+            memo[id(param)] = torch.nn.Parameter(
+                param.detach().to(dtype, copy=True), requires_grad=param.requires_grad
+            )
+    for buffer in module.buffers():
+        if buffer.is_floating_point():
+            memo[id(buffer)] = buffer.detach().to(dtype, copy=True)
+    return copy.deepcopy(module, memo)
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """torch's default floating dtype set to float64 inside the block when ``dtype`` is
+    float64: a float64 forward also makes the tensors it creates itself in float64."""
+    import torch
+
+    if dtype is not torch.float64:
+        yield
+        return
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)

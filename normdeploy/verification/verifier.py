@@ -1,23 +1,32 @@
 """verify: prove an ONNX graph computes what the PyTorch model computes in eval mode.
 
 Runners produce outputs (:mod:`~normdeploy.verification.runners`), the one comparison turns two
-output sets into :class:`~normdeploy.verification.compare.Check` records, and
-:class:`~normdeploy.verification.results.VerifyResult` renders them. Checks, per output:
+output sets into :class:`~normdeploy.verification.compare.Check` records under the one tolerance
+policy, and :class:`~normdeploy.verification.results.VerifyResult` renders them. The reference is
+a PyTorch module (ground truth: its float64 copy), another ONNX graph (ground truth: a float64
+copy of it where onnxruntime can run one, else the nominal floor), or a run saved with
+``save_run`` (its inputs, outputs, ground truth and floors; no PyTorch needed). Checks, per
+output:
 
-- ``reference``: the graph on every provider against the reference: PyTorch eval on CPU, or a
-  reference ONNX graph on the same provider (``verify a.onnx b.onnx``);
+- ``reference``: the graph on every provider against the reference, e against the float64
+  truth, with the floor f pooled over every input set that ran;
 - ``cuda-vs-cpu`` (CUDA present): the graph on CUDA against the graph on CPU;
 - ``torch-cuda`` (CUDA present and PyTorch built with CUDA): the graph on CUDA against PyTorch
   eval on CUDA;
-- ``batch-independence``: every sample run alone against the same sample inside the largest
-  batch. A graph that normalizes with batch statistics (BatchNorm baked in training mode) fails.
+- ``batch-independence``: the leading samples of the largest batch against the same samples run
+  as a smaller batch (the smaller batch sizes are those samples, so this costs no extra run
+  unless only one batch size was asked for). Checked only where the reference itself is batch
+  independent: a B×B output, a batch on another axis, or batch statistics by design in the
+  reference skip the check with a note. The batch axis is the graph's dim named ``batch`` (axis
+  0 otherwise) unless ``batch_axis`` says another.
 
 Inputs are seeded stress inputs (:mod:`~normdeploy.verification.feeds`) at every batch size and
 seed, plus user feeds from an ``.npz``. Outputs are matched by name when the names agree, else by
-position. Tolerances come from the one policy (:class:`TolerancePolicy`); ``atol``/``rtol``
-override it. The graph is linted for eval semantics (:mod:`normdeploy.census.lints`), a module
-handed over in train mode is reported with how far its train output is from eval, and on a
-mismatch :mod:`~normdeploy.verification.bisection` names the module where the error jumps.
+position; an ONNX reference's inputs likewise (by position when only the names differ); the
+result says which. Requested ``input_shapes`` the graph cannot take are a user error. The graph
+is linted for eval semantics (:mod:`normdeploy.census.lints`), a module handed over in train mode
+is reported with how far its train output is from eval, and on a mismatch
+:mod:`~normdeploy.verification.bisection` names the module where the error jumps.
 """
 
 from __future__ import annotations
@@ -42,9 +51,9 @@ from normdeploy.arguments import (
 )
 from normdeploy.census.lints import model_eval_mode_lints
 from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
-from normdeploy.io import read_onnx
+from normdeploy.io import check_output_path, read_onnx
 from normdeploy.modes import training_report
-from normdeploy.onnx_graph import InputSpec, graph_input_specs
+from normdeploy.onnx_graph import InputSpec, graph_input_specs, value_shape
 from normdeploy.verification import bisection
 from normdeploy.verification.compare import (
     BATCH_INDEPENDENCE,
@@ -52,18 +61,36 @@ from normdeploy.verification.compare import (
     REFERENCE,
     TORCH_CUDA,
     Check,
+    OutputPairing,
     Tolerance,
     TolerancePolicy,
     compare_outputs,
     failed_check,
+    pair_inputs,
+    pair_outputs,
+    pooled_floors,
 )
 from normdeploy.verification.feeds import (
+    BATCH_DIM_NAME,
+    BatchAxis,
     FeedSet,
+    batch_axes,
+    check_input_shapes,
     dim_values_from,
+    leading_samples,
     load_feeds,
     stress_feed_sets,
     validate_batch_sizes,
 )
+from normdeploy.verification.float64 import Float64Graph
+from normdeploy.verification.record import (
+    ALONE,
+    CHECK,
+    BatchPlan,
+    RecordedRun,
+    RecordedSet,
+)
+from normdeploy.verification.record import save_run as write_run
 from normdeploy.verification.results import VerifyResult, worst
 from normdeploy.verification.runners import (
     CPU,
@@ -78,21 +105,33 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+Outputs = dict[str, np.ndarray]
+
 
 # ------------------------------------------------------------------------------ arguments
 
 
-def tolerance_policy(
-    tolerance: Tolerance | None = None, atol: float | None = None, rtol: float | None = None
-) -> TolerancePolicy:
-    """The policy for user overrides; InvalidArgumentError for a negative or non-finite bound."""
-    for name, value in (("atol", atol), ("rtol", rtol)):
-        if value is not None and not (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and 0 <= value < math.inf
+def _bound_values(name: str, value: float | Mapping[str, float] | None) -> None:
+    values = value.values() if isinstance(value, Mapping) else [value]
+    for v in values:
+        if v is not None and not (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
         ):
-            raise InvalidArgumentError(f"{name}: {value} must be a finite number >= 0")
+            raise InvalidArgumentError(f"{name}: {v} must be a finite number >= 0")
+
+
+def tolerance_policy(
+    tolerance: Tolerance | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
+) -> TolerancePolicy:
+    """The policy for user overrides; InvalidArgumentError for a negative or non-finite bound.
+
+    ``atol``/``rtol`` are one value for every output or ``{output: value}`` (``"*"``: every
+    output not named); the outputs they cover get a fixed elementwise bound.
+    """
+    _bound_values("atol", atol)
+    _bound_values("rtol", rtol)
     return TolerancePolicy(atol=atol, rtol=rtol, tolerance=tolerance)
 
 
@@ -120,6 +159,19 @@ def check_verify_arguments(
     shapes_arg(input_shapes)
 
 
+def _check_override_names(atol: Any, rtol: Any, outputs: Sequence[str]) -> None:
+    """Per-output bounds must name graph outputs: a typo must not silently leave an output on
+    the default rule."""
+    for what, value in (("atol", atol), ("rtol", rtol)):
+        if isinstance(value, Mapping):
+            unknown = sorted(n for n in value if n != "*" and n not in outputs)
+            if unknown:
+                raise InvalidArgumentError(
+                    f"{what}: no output named {', '.join(map(repr, unknown))} "
+                    f"(graph outputs: {', '.join(outputs)})"
+                )
+
+
 def _validate_seeds(seeds: int) -> int:
     if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
         raise InvalidArgumentError(f"seeds: {seeds} must be a positive integer")
@@ -140,6 +192,12 @@ def load_model_arg(model: Any, what: str) -> tuple[onnx.ModelProto, str]:
     raise InvalidArgumentError(
         f"{what}: expected an ONNX path, ModelProto or bytes, got {type(model).__name__}"
     )
+
+
+def _session_source(model: Any, proto: onnx.ModelProto) -> Any:
+    """What onnxruntime loads: the file itself when there is one (its C++ loader reads it
+    faster than the parsed proto can be serialized again), else the proto."""
+    return str(model) if isinstance(model, (str, os.PathLike)) else proto
 
 
 def _is_onnx_reference(reference: Any) -> bool:
@@ -165,36 +223,78 @@ def _resolve_module(
     if isinstance(reference, torch.nn.Module):
         return reference, (), type(reference).__name__
     raise InvalidArgumentError(
-        "reference: expected a torch.nn.Module, a MODEL name/spec, or an ONNX model, got "
-        f"{type(reference).__name__}"
+        "reference: expected a torch.nn.Module, a MODEL name/spec, an ONNX model or a saved "
+        f"run, got {type(reference).__name__}"
     )
 
 
-# ------------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------- the reference side
 
 
 @dataclass
-class _Sides:
-    """Both sides of a verification, resolved, with a runner per provider."""
+class _Reference:
+    """The reference side: its outputs on each input set, per provider, and its float64 truth."""
 
-    candidate: onnx.ModelProto
-    candidate_label: str
-    reference_label: str
+    label: str
+    kind: str  # "pytorch" | "onnx" | "saved-run"
+    output_names: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     module: torch.nn.Module | None = None
     examples: tuple[Any, ...] = ()
-    reference_model: onnx.ModelProto | None = None
-    runners: dict[str, OrtRunner] = field(default_factory=dict)
-    reference_runners: dict[str, OrtRunner] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
+    model: onnx.ModelProto | None = None
+    torch32: TorchRunner | None = None
+    torch64: TorchRunner | None = None
+    torch_cuda: TorchRunner | None = None
+    graphs: dict[str, OrtRunner] = field(default_factory=dict)
+    graph64: Float64Graph | None = None
+    input_pairing: OutputPairing | None = None
+    recorded: RecordedRun | None = None
 
-    @property
-    def output_names(self) -> list[str]:
-        return next(iter(self.runners.values())).output_names
+    def feeds_for(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The candidate's feeds under the reference's input names."""
+        if self.input_pairing is None or self.input_pairing.by == "name":
+            return dict(feeds)
+        return {r: feeds[c] for r, c in self.input_pairing.pairs}
+
+    def expected(self, fs: FeedSet, provider: str) -> Outputs:
+        if self.recorded is not None:
+            return _recorded_set(self.recorded, fs.label).expected
+        if self.torch32 is not None:
+            try:
+                return self.torch32.infer(fs.feeds)
+            except InvalidArgumentError:
+                raise
+            except Exception as exc:
+                raise InvalidArgumentError(
+                    f"{self.label}: the PyTorch model fails on the graph's inputs "
+                    f"({fs.shapes()}): {type(exc).__name__}: {first_line(exc)}"
+                ) from None
+        return self.graphs[provider].infer(self.feeds_for(fs.feeds))
+
+    def truth(self, fs: FeedSet) -> Outputs | None:
+        """Float64 outputs on ``fs``; None (with a note, once) when there are none."""
+        if self.recorded is not None:
+            return _recorded_set(self.recorded, fs.label).truth
+        if self.torch64 is not None:
+            try:
+                return self.torch64.infer(fs.feeds)
+            except Exception as exc:  # a module that cannot run in float64: nominal floors
+                self.torch64 = None
+                self.notes.append(
+                    f"the float64 copy of the module fails ({type(exc).__name__}: "
+                    f"{first_line(exc, 160)}): nominal floors apply"
+                )
+                return None
+        if self.graph64 is not None and self.graph64.available:
+            return self.graph64.infer(self.feeds_for(fs.feeds))
+        return None
 
 
-def _open(
-    model: onnx.ModelProto, provider: str, label: str, explicit: bool
-) -> OrtRunner | None:
+def _recorded_set(run: RecordedRun, label: str) -> RecordedSet:
+    return next(s for s in run.sets if s.feed_set.label == label)
+
+
+def _open(model: Any, provider: str, label: str, explicit: bool) -> OrtRunner | None:
     """A runner on ``provider``; None (or an error when asked for explicitly) on a fallback."""
     runner = OrtRunner(model, provider).open(label)
     used = runner.providers_used
@@ -207,191 +307,308 @@ def _open(
     return None
 
 
-def _open_runners(sides: _Sides, providers: Sequence[str] | str | None) -> None:
+def _open_runners(
+    source: Any, label: str, providers: Sequence[str] | str | None, notes: list[str]
+) -> dict[str, OrtRunner]:
     choice = resolve_providers(providers)
-    sides.notes += choice.notes
+    notes += choice.notes
     explicit = providers is not None and providers != "auto"
+    runners = {}
     for provider in choice.providers:
-        runner = _open(sides.candidate, provider, sides.candidate_label, explicit)
+        runner = _open(source, provider, label, explicit)
         if runner is None:
-            sides.notes.append(f"{provider} was requested but onnxruntime fell back; not used")
+            notes.append(f"{provider} was requested but onnxruntime fell back; not used")
             continue
-        sides.runners[provider] = runner
-        if sides.reference_model is not None:
-            ref = _open(sides.reference_model, provider, sides.reference_label, explicit)
-            if ref is not None:
-                sides.reference_runners[provider] = ref
-    if not sides.runners:
+        runners[provider] = runner
+    if not runners:
         raise InvalidArgumentError("providers: none of the requested providers can run it")
+    return runners
 
 
-def _check_reference_inputs(sides: _Sides, specs: Sequence[InputSpec]) -> None:
-    if sides.reference_model is None:
-        return
-    ref_names = [s.name for s in graph_input_specs(sides.reference_model)]
-    names = [s.name for s in specs]
-    if sorted(ref_names) != sorted(names):
+def _onnx_reference(
+    reference: Any, specs: Sequence[InputSpec], providers: Sequence[str], cand_label: str
+) -> _Reference:
+    model, label = load_model_arg(reference, "reference ONNX model")
+    ref = _Reference(label, "onnx", model=model)
+    pairing = pair_inputs(graph_input_specs(model), specs)
+    if isinstance(pairing, str):
         raise InvalidArgumentError(
-            f"{sides.reference_label} and {sides.candidate_label} have different inputs "
-            f"({', '.join(ref_names)} vs {', '.join(names)})"
+            f"{label} and {cand_label} have different inputs ({pairing})"
         )
+    ref.input_pairing = pairing
+    if pairing.by == "position":
+        ref.notes.append(pairing.describe("inputs"))
+    source = _session_source(reference, model)
+    for provider in providers:
+        runner = _open(source, provider, label, False)
+        if runner is not None:
+            ref.graphs[provider] = runner
+    if not ref.graphs:
+        raise InvalidArgumentError(f"providers: none of them can run {label}")
+    ref.output_names = next(iter(ref.graphs.values())).output_names
+    ref.graph64 = Float64Graph.of(model)
+    if not ref.graph64.available:
+        ref.notes.append(f"no float64 copy of the reference graph ({ref.graph64.reason})")
+    return ref
+
+
+def _torch_reference(
+    reference: Any,
+    weights: str | os.PathLike[str] | None,
+    input_shapes: Sequence[Sequence[int]] | None,
+    input_names: list[str],
+    output_names: list[str],
+    providers: Sequence[str],
+) -> _Reference:
+    import torch
+
+    module, examples, label = _resolve_module(reference, weights, input_shapes)
+    ref = _Reference(label, "pytorch", list(output_names), module=module, examples=examples)
+    ref.torch32 = TorchRunner(module, input_names, output_names)
+    try:
+        ref.torch64 = TorchRunner(module, input_names, output_names, dtype=torch.float64)
+    except Exception as exc:  # e.g. a parameter type that cannot be float64
+        ref.notes.append(f"no float64 copy of the module ({first_line(exc)}): nominal floors")
+    if CUDA in providers:
+        if torch.cuda.is_available():
+            ref.torch_cuda = TorchRunner(module, input_names, output_names, "cuda")
+        else:
+            ref.notes.append("PyTorch has no CUDA here: PyTorch-on-CUDA comparison skipped")
+    return ref
+
+
+# ------------------------------------------------------------------- batch independence
+
+
+def output_batch_axes(model: onnx.ModelProto, batch_axis: BatchAxis | None) -> dict[str, int]:
+    """The batch axis of every graph output: its dim named ``batch``, else the axis given for
+    every input (an int ``batch_axis``), else 0."""
+    default = batch_axis if isinstance(batch_axis, int) else 0
+    axes = {}
+    for out in model.graph.output:
+        shape = value_shape(out) or ()
+        axes[out.name] = next((i for i, d in enumerate(shape) if d == BATCH_DIM_NAME), default)
+    return axes
+
+
+def _leading(array: np.ndarray, axis: int, n: int) -> np.ndarray | None:
+    if array.ndim <= axis or array.shape[axis] < n:
+        return None
+    return np.take(array, np.arange(n), axis=axis)
+
+
+def _plan_batch_check(
+    sets: list[FeedSet], specs: Sequence[InputSpec], axes: Mapping[str, int]
+) -> tuple[FeedSet | None, FeedSet | None, FeedSet | None]:
+    """(batched, alone, extra): the seed-0 set with the largest batch, the set holding its
+    leading samples, and that set when it must run for this check alone."""
+    seeded = [fs for fs in sets if fs.seed == 0 and fs.batch_size]
+    if not seeded:
+        return None, None, None
+    batched = max(seeded, key=lambda fs: fs.batch_size or 0)
+    if (batched.batch_size or 0) < 2:
+        return None, None, None
+    smaller = [fs for fs in seeded if (fs.batch_size or 0) < (batched.batch_size or 0)]
+    if smaller:
+        return batched, min(smaller, key=lambda fs: fs.batch_size or 0), None
+    feeds = leading_samples(batched.feeds, specs, axes, 1)
+    extra = FeedSet(f"b1/seed0 (sample 0 of {batched.label})", 1, feeds, 0)
+    return batched, extra, extra
+
+
+def _coupling(
+    batched: Outputs, alone: Outputs, axes: Mapping[str, int], n: int, policy: TolerancePolicy
+) -> dict[str, str]:
+    """Reference outputs whose leading samples change with the rest of the batch, and why."""
+    coupled = {}
+    for name, value in alone.items():
+        axis = axes.get(name, 0)
+        head = _leading(batched[name], axis, n)
+        if head is None or head.shape != value.shape:
+            shapes = f"{tuple(batched[name].shape)} vs {tuple(value.shape)}"
+            coupled[name] = f"its shape does not follow the batch on axis {axis} ({shapes})"
+            continue
+        if value.dtype.kind not in "fc":
+            if not np.array_equal(head, value):
+                coupled[name] = "its values change with the rest of the batch"
+            continue
+        comp = policy.compare(name, value, head)  # nominal rule in the reference's own dtype
+        if not comp.passed:
+            coupled[name] = (
+                f"its first {n} sample(s) change by e={comp.error:.2g} with the rest of the "
+                f"batch (axis {axis})"
+            )
+    return coupled
+
+
+# ------------------------------------------------------------------------------- the run
 
 
 @dataclass
-class _TorchSide:
-    cpu: TorchRunner
-    cuda: TorchRunner | None = None
+class _SetRun:
+    """One input set: the reference's outputs per provider, the truth, the candidate's."""
+
+    fs: FeedSet
+    role: str
+    expected: dict[str, Outputs] = field(default_factory=dict)
+    truth: Outputs | None = None
+    actual: dict[str, Outputs] = field(default_factory=dict)
+    errors: dict[str, tuple[str, str]] = field(default_factory=dict)  # provider → (what, why)
 
 
-def _torch_runners(sides: _Sides, input_names: list[str]) -> _TorchSide | None:
-    if sides.module is None:
-        return None
-    side = _TorchSide(TorchRunner(sides.module, input_names, sides.output_names))
-    if CUDA in sides.runners:
-        import torch
-
-        if torch.cuda.is_available():
-            side.cuda = TorchRunner(sides.module, input_names, sides.output_names, "cuda")
-        else:
-            sides.notes.append("PyTorch has no CUDA here: PyTorch-on-CUDA comparison skipped")
-    return side
-
-
-def _torch_expected(torch_side: _TorchSide, fs: FeedSet, label: str) -> dict[str, np.ndarray]:
-    try:
-        return torch_side.cpu.infer(fs.feeds)
-    except InvalidArgumentError:
-        raise
-    except Exception as exc:
-        raise InvalidArgumentError(
-            f"{label}: the PyTorch model fails on the graph's inputs ({fs.shapes()}): "
-            f"{type(exc).__name__}: {first_line(exc)}"
-        ) from None
-
-
-def _check_feed_set(
-    sides: _Sides, torch_side: _TorchSide | None, fs: FeedSet, policy: TolerancePolicy
-) -> list[Check]:
-    """Reference, CUDA-vs-CPU and PyTorch-on-CUDA checks on one set of inputs."""
-    expected_cpu = (
-        _torch_expected(torch_side, fs, sides.reference_label) if torch_side else None
-    )
-    checks: list[Check] = []
-    actual_by_provider: dict[str, dict[str, np.ndarray]] = {}
-
-    def compare(kind: str, provider: str, e: Mapping[str, Any], a: Mapping[str, Any]) -> None:
-        checks.extend(
-            compare_outputs(
-                e, a, kind=kind, provider=provider, inputs=fs.label, policy=policy,
-                batch_size=fs.batch_size,
-            )
-        )  # fmt: skip
-
-    for provider, runner in sides.runners.items():
+def _run_set(
+    fs: FeedSet, role: str, ref: _Reference, runners: Mapping[str, OrtRunner]
+) -> _SetRun:
+    run = _SetRun(fs, role)
+    run.truth = ref.truth(fs)
+    for provider, runner in runners.items():
         try:
-            actual = runner.infer(fs.feeds)
+            run.actual[provider] = runner.infer(fs.feeds)
         except Exception as exc:
-            checks.append(failed_check(REFERENCE, provider, fs.label, "onnxruntime run", exc))
+            run.errors[provider] = ("onnxruntime run", first_line(exc, 200))
             continue
-        actual_by_provider[provider] = actual
-        expected = expected_cpu
-        if expected is None and provider in sides.reference_runners:
-            try:
-                expected = sides.reference_runners[provider].infer(fs.feeds)
-            except Exception as exc:
-                checks.append(
-                    failed_check(REFERENCE, provider, fs.label, "reference run", exc)
-                )
-                continue
+        try:
+            key = CPU if ref.kind != "onnx" else provider
+            if key not in run.expected:
+                run.expected[key] = ref.expected(fs, key)
+        except InvalidArgumentError:
+            raise
+        except Exception as exc:
+            run.errors[provider] = ("reference run", first_line(exc, 200))
+    if not run.expected and ref.kind != "onnx":
+        run.expected[CPU] = ref.expected(fs, CPU)
+    return run
+
+
+def _reference_checks(
+    run: _SetRun,
+    ref: _Reference,
+    floors: Mapping[str, float] | None,
+    policy: TolerancePolicy,
+) -> list[Check]:
+    checks: list[Check] = []
+    fs = run.fs
+    for provider in list(run.actual) + [p for p in run.errors if p not in run.actual]:
+        if provider in run.errors:
+            what, why = run.errors[provider]
+            checks.append(failed_check(REFERENCE, provider, fs.label, what, why))
+            continue
+        expected = run.expected.get(provider if ref.kind == "onnx" else CPU)
         if expected is None:
             continue
+        actual = run.actual[provider]
         if len(expected) != len(actual):
             raise InvalidArgumentError(
-                f"{sides.reference_label} has {len(expected)} output(s), "
-                f"{sides.candidate_label} has {len(actual)}; are these the same model?"
+                f"{ref.label} has {len(expected)} output(s), the candidate has "
+                f"{len(actual)}; are these the same model?"
             )
-        compare(REFERENCE, provider, expected, actual)
-    if CUDA in actual_by_provider and CPU in actual_by_provider:
-        compare(CUDA_VS_CPU, CUDA, actual_by_provider[CPU], actual_by_provider[CUDA])
-    if torch_side is not None and torch_side.cuda is not None and CUDA in actual_by_provider:
-        compare(TORCH_CUDA, CUDA, torch_side.cuda.infer(fs.feeds), actual_by_provider[CUDA])
+        checks += compare_outputs(
+            expected, actual, kind=REFERENCE, provider=provider, inputs=fs.label,
+            policy=policy, batch_size=fs.batch_size, truth=run.truth, floors=floors,
+            input_shapes=fs.shapes(),
+        )  # fmt: skip
+    if CUDA in run.actual and CPU in run.actual:
+        checks += compare_outputs(
+            run.actual[CPU], run.actual[CUDA], kind=CUDA_VS_CPU, provider=CUDA,
+            inputs=fs.label, policy=policy, batch_size=fs.batch_size,
+            input_shapes=fs.shapes(),
+        )  # fmt: skip
+    if ref.torch_cuda is not None and CUDA in run.actual:
+        checks += compare_outputs(
+            ref.torch_cuda.infer(fs.feeds), run.actual[CUDA], kind=TORCH_CUDA, provider=CUDA,
+            inputs=fs.label, policy=policy, batch_size=fs.batch_size,
+            input_shapes=fs.shapes(),
+        )  # fmt: skip
     return checks
 
 
-def _batch_independence(
-    runner: OrtRunner, fs: FeedSet, specs: Sequence[InputSpec], policy: TolerancePolicy
-) -> tuple[list[Check], list[str]]:
-    """Each sample alone against the same sample inside the batch, per output."""
-    batch = fs.batch_size or 0
-    sliced = [s.name for s in specs if s.shape and not isinstance(s.shape[0], int)]
-    if not sliced:
-        return [], ["batch independence not checked: no input has a symbolic batch dimension"]
-    try:
-        batched = runner.infer(fs.feeds)
-    except Exception:
-        return [], []  # already recorded as a failed reference check
-    outputs = [n for n, v in batched.items() if v.ndim and v.shape[0] == batch]
-    notes = []
-    if skipped := [n for n in batched if n not in outputs]:
-        notes.append(
-            f"batch independence: output(s) {', '.join(skipped)} have no batch dimension"
-        )
-    alone: dict[str, list[np.ndarray]] = {n: [] for n in outputs}
-    try:
-        for i in range(batch):
-            out = runner.infer(
-                {k: v[i : i + 1] if k in sliced else v for k, v in fs.feeds.items()}
-            )
-            for n in outputs:
-                alone[n].append(out[n])
-    except Exception as exc:
-        return [
-            failed_check(BATCH_INDEPENDENCE, runner.provider, fs.label, "batch 1 run", exc)
-        ], notes
-    label = f"{fs.label} vs 1×{batch}"
-    checks = [
-        Check(
-            BATCH_INDEPENDENCE,
-            runner.provider,
-            label,
-            policy.compare(n, batched[n], np.concatenate(alone[n]), runner.provider),
-            batch,
-        )
-        for n in outputs
-    ]
-    return checks, notes
+def _recorded_sets(
+    run: RecordedRun,
+) -> tuple[list[FeedSet], FeedSet | None, FeedSet | None, FeedSet | None]:
+    """(checked sets, batched set, alone set, the alone set when it ran only for that check)."""
+    sets = [s.feed_set for s in run.sets if s.role == CHECK]
+    extra = next((s.feed_set for s in run.sets if s.role == ALONE), None)
+    batched = next((f for f in sets if f.label == run.batch.batched), None)
+    alone = extra or next((f for f in sets if f.label == run.batch.alone), None)
+    return sets, batched, alone, extra
 
 
-def _largest_batch(feed_sets: Sequence[FeedSet]) -> FeedSet | None:
-    return max(
-        (fs for fs in feed_sets if fs.batch_size and fs.label.endswith("/seed0")),
-        key=lambda fs: fs.batch_size or 0,
-        default=None,
-    )
+def _plan_with_coupling(
+    ref: _Reference,
+    batched: _SetRun,
+    alone: _SetRun,
+    output_axes: dict[str, int],
+    pairing: OutputPairing | None,
+    policy: TolerancePolicy,
+) -> BatchPlan:
+    """The batch-independence plan, with the outputs the reference itself couples (judged on
+    its float64 truth when there is one; a saved run brings its own)."""
+    samples = alone.fs.batch_size or 1
+    if ref.recorded is not None:
+        coupled = dict(ref.recorded.batch.coupled)
+    else:
+        ref_axes = {e: output_axes.get(c, 0) for e, c in (pairing.pairs if pairing else ())}
+        side_b = batched.truth or batched.expected.get(CPU) or {}
+        side_a = alone.truth or alone.expected.get(CPU) or {}
+        judge = TolerancePolicy(k=policy.k)  # the reference's own noise, no overrides
+        coupled = _coupling(side_b, side_a, ref_axes, samples, judge) if side_a else {}
+    return BatchPlan(batched.fs.label, alone.fs.label, samples, output_axes, coupled)
+
+
+def _batch_checks(
+    batched: _SetRun,
+    alone: _SetRun,
+    plan: BatchPlan,
+    pairing: OutputPairing | None,
+    floors: Mapping[str, float] | None,
+    policy: TolerancePolicy,
+) -> list[Check]:
+    """The candidate's leading samples in the batch against the same samples run alone."""
+    checks: list[Check] = []
+    cand_of = dict(pairing.pairs) if pairing is not None else {}
+    label = f"{batched.fs.label}[:{plan.samples}] vs {alone.fs.label}"
+    for provider, outputs in batched.actual.items():
+        if provider not in alone.actual:
+            continue
+        for ref_name, cand_name in cand_of.items():
+            if ref_name in plan.coupled:
+                continue
+            axis = plan.output_axes.get(cand_name, 0)
+            head = _leading(outputs[cand_name], axis, plan.samples)
+            single = alone.actual[provider][cand_name]
+            if head is None:
+                head = outputs[cand_name]
+            comp = policy.compare(
+                cand_name, single, head, provider,
+                floor=None if floors is None else floors.get(ref_name), output=cand_name,
+            )  # fmt: skip
+            checks.append(
+                Check(BATCH_INDEPENDENCE, provider, label, comp, batched.fs.batch_size,
+                      batched.fs.shapes())
+            )  # fmt: skip
+    return checks
 
 
 def _bisect(
-    result: VerifyResult,
-    sides: _Sides,
-    feed_sets: Sequence[FeedSet],
-    torch_side: _TorchSide | None,
-    policy: TolerancePolicy,
+    result: VerifyResult, ref: _Reference, candidate: onnx.ModelProto, sets: Sequence[FeedSet]
 ) -> bisection.Bisection | None:
     """Bisect on the inputs and provider of the worst failing check (CPU if none failed)."""
+    if ref.recorded is not None:
+        return None
     culprit = worst([c for c in result.failures if c.kind in (REFERENCE, BATCH_INDEPENDENCE)])
     provider = culprit.provider if culprit is not None else CPU
-    label = culprit.inputs.split(" vs ")[0] if culprit is not None else feed_sets[0].label
-    fs = next((f for f in feed_sets if f.label == label), feed_sets[0])
+    label = culprit.inputs.split(" vs ")[0].split("[")[0] if culprit is not None else ""
+    fs = next((f for f in sets if f.label == label), sets[0])
     try:
-        if sides.module is not None and torch_side is not None:
+        if ref.module is not None and ref.torch32 is not None:
             return bisection.bisect_module(
-                sides.candidate, sides.module, fs.feeds, torch_side.cpu.args(fs.feeds),
-                provider=provider, inputs_label=fs.label, policy=policy,
+                candidate, ref.module, fs.feeds, ref.torch32.args(fs.feeds),
+                provider=provider, inputs_label=fs.label,
             )  # fmt: skip
-        if sides.reference_model is not None:
+        if ref.model is not None:
             return bisection.bisect_onnx(
-                sides.candidate, sides.reference_model, fs.feeds, provider=provider,
-                inputs_label=fs.label, policy=policy,
+                candidate, ref.model, fs.feeds, provider=provider, inputs_label=fs.label,
+                reference_feeds=ref.feeds_for(fs.feeds),
             )  # fmt: skip
     except Exception:  # the verdict stands without a bisection; keep the cause in the log
         logger.exception("bisection failed")
@@ -407,16 +624,22 @@ def verify(
     seeds: int = 1,
     inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
     tolerance: Tolerance | None = None,
-    atol: float | None = None,
-    rtol: float | None = None,
+    atol: float | Mapping[str, float] | None = None,
+    rtol: float | Mapping[str, float] | None = None,
     bisect: bool = True,
     weights: str | os.PathLike[str] | None = None,
     input_shapes: Sequence[Sequence[int]] | None = None,
+    batch_axis: BatchAxis | None = None,
+    save_run: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
 ) -> VerifyResult:
     """Compare ``onnx_model`` with ``reference`` on every provider; see the module docstring.
 
-    ``reference`` is an ``nn.Module``, a ``ResolvedModel``, a MODEL spec string, or an ONNX
-    path/ModelProto. The result is falsy on any mismatch; it never raises for one.
+    ``reference`` is an ``nn.Module``, a ``ResolvedModel``, a MODEL spec string, an ONNX
+    path/ModelProto, or a :class:`~normdeploy.verification.record.RecordedRun` (``load_run``).
+    ``save_run`` writes the inputs, reference outputs, truth and floors to an ``.npz`` (refusing
+    an existing file unless ``overwrite``). The result is falsy on any mismatch; it never raises
+    for one.
     """
     check_verify_arguments(
         providers=providers, batch_sizes=batch_sizes, inputs=inputs, tolerance=tolerance,
@@ -426,52 +649,120 @@ def verify(
     _validate_seeds(seeds)
     policy = tolerance_policy(tolerance, atol, rtol)
     candidate, cand_label = load_model_arg(onnx_model, "ONNX model")
-    if _is_onnx_reference(reference):
-        ref_model, ref_label = load_model_arg(reference, "reference ONNX model")
-        sides = _Sides(candidate, cand_label, ref_label, reference_model=ref_model)
-    else:
-        module, examples, ref_label = _resolve_module(reference, weights, input_shapes)
-        sides = _Sides(candidate, cand_label, ref_label, module=module, examples=examples)
-    _open_runners(sides, providers)
-
+    if save_run is not None:
+        sources = [s for s in (onnx_model, reference) if isinstance(s, (str, os.PathLike))]
+        check_output_path(save_run, inputs=tuple(sources), overwrite=overwrite, what="run")
+    notes: list[str] = []
+    runners = _open_runners(
+        _session_source(onnx_model, candidate), cand_label, providers, notes
+    )
     specs = graph_input_specs(candidate)
-    _check_reference_inputs(sides, specs)
-    dims = dim_values_from(specs, sides.examples)
-    feed_sets, feed_notes = stress_feed_sets(specs, sizes, seeds, dims)
-    sides.notes += feed_notes
-    if inputs is not None:
-        label, user = load_feeds(inputs, specs)
-        feed_sets.append(FeedSet(label, None, user))
-    torch_side = _torch_runners(sides, [s.name for s in specs])
+    cand_outputs = next(iter(runners.values())).output_names
+    _check_override_names(atol, rtol, cand_outputs)
+    axes = batch_axes(specs, batch_axis)
+    torch_reference = not isinstance(reference, RecordedRun) and not _is_onnx_reference(
+        reference
+    )
+    if input_shapes and torch_reference:
+        check_input_shapes(specs, input_shapes)
 
-    checks = [c for fs in feed_sets for c in _check_feed_set(sides, torch_side, fs, policy)]
-    largest = _largest_batch(feed_sets)
-    if largest is not None and (largest.batch_size or 0) > 1:
-        for runner in sides.runners.values():
-            more, bi_notes = _batch_independence(runner, largest, specs, policy)
-            checks += more
-            sides.notes += [n for n in bi_notes if n not in sides.notes]
+    if isinstance(reference, RecordedRun):
+        ref = _Reference(
+            f"{reference.source or 'saved run'} ({reference.reference_kind}: "
+            f"{reference.reference})",
+            "saved-run", list(reference.outputs), recorded=reference,
+        )  # fmt: skip
+        if [s.name for s in specs] != list(reference.inputs):
+            raise InvalidArgumentError(
+                f"{ref.label}: recorded inputs {', '.join(reference.inputs)} are not the "
+                f"graph's ({', '.join(s.name for s in specs)})"
+            )
+        if inputs is not None:
+            raise InvalidArgumentError("inputs: a saved run brings its own inputs")
+        notes.append("inputs, batch sizes and seeds are the saved run's; so are its floors")
+    elif _is_onnx_reference(reference):
+        ref = _onnx_reference(reference, specs, list(runners), cand_label)
     else:
-        sides.notes.append("batch independence not checked: no batch size > 1 ran")
+        ref = _torch_reference(
+            reference, weights, input_shapes, [s.name for s in specs], cand_outputs,
+            list(runners),
+        )  # fmt: skip
+    pairing = pair_outputs(ref.output_names, cand_outputs)
+    if pairing is not None and ref.kind != "pytorch":  # PyTorch outputs have no names
+        notes.append(pairing.describe())
+
+    if ref.recorded is not None:
+        sets, batched_fs, alone_fs, extra = _recorded_sets(ref.recorded)
+    else:
+        dims = dim_values_from(specs, ref.examples)
+        sets, feed_notes = stress_feed_sets(specs, sizes, seeds, dims, axes)
+        notes += feed_notes
+        if inputs is not None:
+            label, user = load_feeds(inputs, specs)
+            sets.append(FeedSet(label, None, user))
+        batched_fs, alone_fs, extra = _plan_batch_check(sets, specs, axes)
+
+    runs = [_run_set(fs, CHECK, ref, runners) for fs in sets]
+    extra_run = _run_set(extra, ALONE, ref, runners) if extra is not None else None
+    notes += ref.notes
+    floors: dict[str, float] | None = None
+    if ref.recorded is not None:
+        floors = dict(ref.recorded.floors) or None
+    elif runs and all(r.truth is not None and CPU in r.expected for r in runs):
+        floors = pooled_floors([r.expected[CPU] for r in runs], [r.truth or {} for r in runs])
+    checks = [c for r in runs for c in _reference_checks(r, ref, floors, policy)]
+
+    all_runs = [*runs, *([extra_run] if extra_run is not None else [])]
+    by_label = {r.fs.label: r for r in all_runs}
+    plan = BatchPlan(
+        output_axes=output_batch_axes(candidate, batch_axis)
+        if ref.recorded is None
+        else dict(ref.recorded.batch.output_axes)
+    )
+    if batched_fs is None or alone_fs is None:
+        notes.append("batch independence not checked: no batch size > 1 ran")
+    else:
+        b_run, a_run = by_label[batched_fs.label], by_label[alone_fs.label]
+        plan = _plan_with_coupling(ref, b_run, a_run, plan.output_axes, pairing, policy)
+        notes += [
+            f"batch independence of '{name}' not checked: the reference itself couples "
+            f"samples ({why})"
+            for name, why in plan.coupled.items()
+        ]
+        checks += _batch_checks(b_run, a_run, plan, pairing, floors, policy)
 
     train_mode = None
-    if sides.module is not None and torch_side is not None:
-        train_args = torch_side.cpu.args((largest or feed_sets[0]).feeds)
-        train_mode = training_report(sides.module, train_args)
+    if ref.module is not None and ref.torch32 is not None:
+        big = batched_fs or sets[0]
+        train_mode = training_report(ref.module, ref.torch32.args(big.feeds))
 
     result = VerifyResult(
-        reference=sides.reference_label,
-        reference_kind="pytorch" if sides.module is not None else "onnx",
+        reference=ref.label,
+        reference_kind=ref.kind,
         candidate=cand_label,
-        providers=tuple(sides.runners),
-        batch_sizes=tuple(dict.fromkeys(fs.batch_size for fs in feed_sets if fs.batch_size)),
-        seeds=seeds,
+        providers=tuple(runners),
+        batch_sizes=tuple(dict.fromkeys(fs.batch_size for fs in sets if fs.batch_size)),
+        seeds=seeds if ref.recorded is None else len({fs.seed for fs in sets}),
         checks=tuple(checks),
         graph_flags=tuple(model_eval_mode_lints(candidate)),
         train_mode=train_mode,
-        notes=tuple(sides.notes),
+        notes=tuple(dict.fromkeys(notes)),
+        tolerance=policy.describe(),
+        inputs_ran=tuple((r.fs.label, r.fs.shapes()) for r in all_runs),
     )
+    if save_run is not None:
+        record = RecordedRun(
+            reference=ref.label, reference_kind=ref.kind, inputs=tuple(s.name for s in specs),
+            outputs=tuple(ref.output_names),
+            sets=tuple(
+                RecordedSet(r.fs, r.expected[CPU], r.truth, r.role)
+                for r in all_runs
+                if CPU in r.expected
+            ),
+            floors=floors or {}, k=policy.k, batch=plan,
+        )  # fmt: skip
+        write_run(record, save_run)
     if result.passed or not bisect:
         return result
-    found = _bisect(result, sides, feed_sets, torch_side, policy)
+    found = _bisect(result, ref, candidate, sets)
     return VerifyResult(**{**result.__dict__, "bisection": found})
