@@ -354,3 +354,43 @@ def test_a_norm_subclass_the_oracle_does_not_model_is_confirmed_against_pytorch_
         )
     assert "17 modules (features.1, …): confirmed against PyTorch only" in census.to_text()
     assert "ok (PyTorch only)" in census.to_text()
+
+
+class InPlaceBlock(torch.nn.Module):
+    """torchvision's habit: BatchNorm and GroupNorm each followed by ReLU(inplace=True), which
+    overwrites the norm's output tensor after the norm module has returned it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.gn = torch.nn.GroupNorm(4, 8)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.gn(self.conv2(out)))
+
+
+def test_in_place_activations_after_norms_do_not_fail_the_confirmation():
+    """The census captures each norm's output while the forward runs; a capture that shared the
+    tensor's memory saw the ReLU's result instead and failed every honest module."""
+    torch.manual_seed(0)
+    module = InPlaceBlock()
+    with torch.no_grad():
+        module.bn1.running_mean.uniform_(-1, 1)
+        module.bn1.running_var.uniform_(0.5, 2)
+    module.eval()
+    x = torch.randn(2, 3, 16, 16)
+    with exporter_quiet():
+        model = torch.onnx.export(
+            module, (x,), dynamo=True, opset_version=18,
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+        ).model_proto  # fmt: skip
+    census = inspect(model, module=module, example_inputs=(x,))
+    assert [e.module_path for e in census.entries] == ["bn1", "gn"]
+    assert census.passed and all(e.confirmed for e in census.entries), census.to_text()
+    # fp32 3x3 convs over 3-8 channels: the norms' outputs agree with PyTorch to ~1e-6, where
+    # the ReLU-clobbered capture differed by the size of every negative value (~1).
+    assert all(e.vs_torch.comparison.max_abs < 1e-4 for e in census.entries)

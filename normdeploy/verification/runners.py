@@ -203,11 +203,17 @@ def flatten_outputs(value: Any) -> list[torch.Tensor]:
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-    """A CPU numpy copy; bfloat16 (which numpy lacks) widened to float32."""
+    """A CPU numpy copy; bfloat16 (which numpy lacks) widened to float32.
+
+    A copy, never a view of the tensor's memory: hooks capture module outputs that the forward
+    goes on to change in place (``nn.ReLU(inplace=True)`` after a norm, as torchvision writes).
+    """
     import torch
 
-    t = tensor.detach().cpu()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+    t = tensor.detach()
+    if t.dtype == torch.bfloat16:
+        return t.float().cpu().numpy()
+    return t.cpu().numpy().copy() if t.device.type == "cpu" else t.cpu().numpy()
 
 
 def from_numpy(array: np.ndarray) -> torch.Tensor:
