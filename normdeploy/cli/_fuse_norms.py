@@ -4,13 +4,12 @@ native ops, with a ledger."""
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from normdeploy.cli._options import (
     add_keep_failed,
     add_max_memory,
     add_output_options,
-    check_report_path,
+    check_graph_pass_report,
     emit,
     run_reported,
 )
@@ -44,18 +43,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from normdeploy.folding import fuse_norms_file
-    from normdeploy.io import data_file_for, failed_file_for
 
-    out = Path(args.output)
-    check_report_path(
-        args,
-        (args.input,),
-        [
-            (out, "output"),
-            (data_file_for(out), "output's external data"),
-            *([(failed_file_for(out), "failed graph")] if args.keep_failed else []),
-        ],
-    )
+    check_graph_pass_report(args)
     result = run_reported(
         args,
         lambda: fuse_norms_file(

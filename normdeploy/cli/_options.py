@@ -7,6 +7,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from normdeploy.errors import InvalidArgumentError, OutputPathError, VerificationFailed
@@ -152,6 +153,19 @@ def check_report_path(
         for path, what in outputs:
             plan.reserve(path, what)
         plan.add(args.report, "report")
+
+
+def check_graph_pass_report(args: argparse.Namespace) -> None:
+    """:func:`check_report_path` for a command that rewrites ``args.input`` into
+    ``args.output`` (fold-bn, fuse-norms): the output, its external data and, with
+    --keep-failed, the failed graph are its other outputs."""
+    from normdeploy.io import data_file_for, failed_file_for
+
+    out = Path(args.output)
+    outputs = [(out, "output"), (data_file_for(out), "output's external data")]
+    if args.keep_failed:
+        outputs.append((failed_file_for(out), "failed graph"))
+    check_report_path(args, (args.input,), outputs)
 
 
 class StdoutClosed(Exception):
