@@ -6,11 +6,13 @@ import argparse
 from pathlib import Path
 
 from normdeploy.cli._options import (
+    add_graph_input_shape,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     check_report_path,
     emit,
+    input_shapes,
     run_reported,
 )
 
@@ -34,6 +36,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep summed parallel branches (do not merge them into one Conv)",
     )
+    add_graph_input_shape(p)
+    p.add_argument(
+        "--inputs",
+        metavar="FEEDS.npz",
+        help="feeds the check also runs: one array per input name",
+    )
     add_keep_failed(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
@@ -48,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_report_path(
         args,
-        (args.input,),
+        tuple(filter(None, (args.input, args.inputs))),
         [
             (out, "output"),
             (data_file_for(out), "output's external data"),
@@ -59,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
         args,
         lambda: fold_bn_file(
             args.input, args.output, overwrite=args.force, verify=args.verify,
-            merge=args.merge, keep_failed=args.keep_failed,
+            merge=args.merge, keep_failed=args.keep_failed, input_shapes=input_shapes(args),
+            inputs=args.inputs,
         ),
     )  # fmt: skip
     emit(result, args)

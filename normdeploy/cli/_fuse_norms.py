@@ -7,11 +7,13 @@ import argparse
 from pathlib import Path
 
 from normdeploy.cli._options import (
+    add_graph_input_shape,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     check_report_path,
     emit,
+    input_shapes,
     run_reported,
 )
 
@@ -36,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="convert the model to opset N first (17: LayerNormalization, 23: RMSNormalization)",
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks")
+    add_graph_input_shape(p)
+    p.add_argument(
+        "--inputs",
+        metavar="FEEDS.npz",
+        help="feeds the check also runs: one array per input name",
+    )
     add_keep_failed(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
@@ -49,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     check_report_path(
         args,
-        (args.input,),
+        tuple(filter(None, (args.input, args.inputs))),
         [
             (out, "output"),
             (data_file_for(out), "output's external data"),
@@ -65,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.force,
             verify=args.verify,
             keep_failed=args.keep_failed,
+            input_shapes=input_shapes(args),
+            inputs=args.inputs,
         ),
     )
     emit(result, args)
