@@ -890,6 +890,19 @@ def _run_in_eval(
 _EXPORT_FN = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
 
 
+def _call_exporter(
+    exporter: str,
+    eval_module: torch.nn.Module,
+    trace_args: tuple[Any, ...],
+    opset: int,
+    interface: ExportInterface,
+    name: str,
+) -> onnx.ModelProto:
+    """One exporter's graph, its chatter silenced and the model's code guarded."""
+    with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
+        return _EXPORT_FN[exporter](eval_module, trace_args, opset, interface)
+
+
 def _what_works(
     exporter: str,
     eval_module: torch.nn.Module,
@@ -910,19 +923,12 @@ def _what_works(
         ]
     for candidate, iface, words in tries:
         try:
-            with (
-                exporter_quiet(logger.isEnabledFor(logging.INFO)),
-                user_code(f"{name}'s forward"),
-            ):
-                _EXPORT_FN[candidate](eval_module, trace_args, opset, iface)
+            _call_exporter(candidate, eval_module, trace_args, opset, iface, name)
         except Exception:  # this one fails too: try the next
             continue
         return words
-    return (
-        f"the {other} exporter"
-        + (" and a static export" if interface.dims else "")
-        + (" fail as well")
-    )
+    static_too = " and a static export" if interface.dims else ""
+    return f"the {other} exporter{static_too} fail as well"
 
 
 def _run_exporter(
@@ -936,8 +942,7 @@ def _run_exporter(
     """The exporter's graph, checked for the requested opset and the dynamic axes asked for.
     On failure the message says which alternative exports the model (:func:`_what_works`)."""
     try:
-        with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
-            model = _EXPORT_FN[exporter](eval_module, trace_args, opset, interface)
+        model = _call_exporter(exporter, eval_module, trace_args, opset, interface, name)
     except ExportError:
         raise
     except Exception as exc:
