@@ -300,7 +300,7 @@ class ExportResult:
             ("written", self._written_words()),
             ("exporter", f"{self.exporter}, opset {self.opset}"),
             ("batch axis", "dynamic" if self.dynamic_batch else "static"),
-            ("dynamic axes", ", ".join(self.dynamic_axes) or "none"),
+            ("dynamic", ", ".join(self.dynamic_axes) or "none"),
             ("mode", self.train_mode.summary()),
             ("simplify", self.simplify.summary()),
             ("timings", timing),
