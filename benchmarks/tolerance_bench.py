@@ -33,9 +33,10 @@ import onnx
 from normdeploy.exporting import export
 from normdeploy.onnx_graph import graph_input_specs
 from normdeploy.report import markdown_table
+from normdeploy.shapes import batch_axes
 from normdeploy.verification.bisection import bisect_module
 from normdeploy.verification.compare import FLOOR_MIN, REFERENCE, K
-from normdeploy.verification.feeds import batch_axes, stress_feed_sets
+from normdeploy.verification.feeds import stress_feed_sets
 from normdeploy.verification.runners import TorchRunner
 from normdeploy.verification.verifier import verify
 from tests import replicas

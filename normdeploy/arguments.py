@@ -90,31 +90,6 @@ def onnx_model_arg(value: object, name: str) -> onnx.ModelProto | Path:
     )
 
 
-def shapes_arg(
-    value: object, name: str = "input_shapes"
-) -> tuple[tuple[int, ...], ...] | None:
-    """A sequence of shapes, each a sequence of positive ints (``[(1, 3, 32, 32)]``)."""
-    if value is None:
-        return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise InvalidArgumentError(
-            f"{name}: expected a list of shapes like [(1, 3, 224, 224)], got {_type_name(value)}"
-        )
-    shapes = []
-    for shape in value:
-        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
-            raise InvalidArgumentError(
-                f"{name}: each shape must be a sequence of ints like (1, 3, 224, 224), got "
-                f"{_type_name(shape)}"
-            )
-        if not shape or any(
-            not isinstance(d, int) or isinstance(d, bool) or d <= 0 for d in shape
-        ):
-            raise InvalidArgumentError(f"{name}: {list(shape)} must be positive integers")
-        shapes.append(tuple(int(d) for d in shape))
-    return tuple(shapes)
-
-
 def providers_arg(value: object) -> Sequence[str] | str | None:
     """``None``/``"auto"``, a comma-separated string, or a sequence of provider names."""
     if value is None or isinstance(value, str):

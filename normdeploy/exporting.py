@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import inspect
 import io
 import logging
 import os
@@ -62,9 +61,25 @@ from normdeploy.io import (
     stage_onnx,
     staging_dir,
 )
+from normdeploy.modelspec import forward_input_names
 from normdeploy.modes import TrainModeReport, training_report
 from normdeploy.onnx_graph import default_opset, graph_input_specs
 from normdeploy.report import fmt_num, markdown_table, text_table
+from normdeploy.shapes import (
+    EXAMPLE,
+    AxesRequest,
+    DtypeRequest,
+    DynamicDim,
+    InputPlan,
+    Shape,
+    ShapeRequest,
+    dynamic_axes_arg,
+    dynamic_dims,
+    names_arg,
+    other_size,
+    plan_inputs,
+    requested_axes,
+)
 from normdeploy.verification.compare import (
     DEFAULT_POLICY,
     REFERENCE,
@@ -74,13 +89,13 @@ from normdeploy.verification.compare import (
     failed_check,
     pooled_floors,
 )
-from normdeploy.verification.feeds import batch_axes, make_feeds
+from normdeploy.verification.feeds import FeedSet, make_feeds
 from normdeploy.verification.results import describe_verdict, fmt_margin, worst
 from normdeploy.verification.runners import (
     CPU,
     OrtRunner,
     TorchRunner,
-    module_outputs,
+    named_module_outputs,
 )
 
 if TYPE_CHECKING:
@@ -102,7 +117,7 @@ MIN_OPSET = 13
 DYNAMO_NATIVE_OPSET = 18  # the dynamo exporter writes >= 18; lower opsets are converted
 CHECK_BATCH_SIZES = (1, 3)
 METADATA_PREFIX = "normdeploy."
-_TRACE_BATCH = 2  # torch.export specializes a size-1 dim to a constant: trace at batch 2
+_TRACE_SIZE = 2  # torch.export specializes a size-1 dim to a constant: trace dynamic dims at 2
 
 
 @dataclass(frozen=True)
@@ -111,6 +126,12 @@ class BatchCheck:
 
     batch_size: int
     checks: tuple[Check, ...] = ()
+    label: str = ""  # the input set: 'b1/seed0', or 'b1/seed0 height=96' for another size
+
+    @property
+    def variant(self) -> str:
+        """'height=96' for a dynamic dim at another size than the example's, else ''."""
+        return self.label.partition(" ")[2]
 
     @property
     def passed(self) -> bool:
@@ -126,6 +147,7 @@ class BatchCheck:
     def to_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self.batch_size,
+            "inputs": self.label,
             "passed": self.passed,
             "error": self.error,
             "comparisons": [
@@ -185,6 +207,10 @@ class ExportResult:
     # The file written: ``path`` when the check passed, ``NAME.failed.onnx`` when it failed and
     # keep_failed asked for it, None when nothing was written.
     written: Path | None = None
+    # Every symbolic dim of the graph's inputs: 'height (x:2)'; and each graph input's example
+    # shape (what a pass's self-check on this graph feeds it).
+    dynamic_axes: tuple[str, ...] = ()
+    example_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -202,6 +228,8 @@ class ExportResult:
             "exporter": self.exporter,
             "opset": self.opset,
             "dynamic_batch": self.dynamic_batch,
+            "dynamic_axes": list(self.dynamic_axes),
+            "example_shapes": {k: list(v) for k, v in self.example_shapes.items()},
             "external_data": self.external_data,
             "written": None if self.written is None else str(self.written),
             "passed": self.passed,
@@ -216,14 +244,15 @@ class ExportResult:
     def _check_rows(self) -> list[list[str]]:
         rows = []
         for group in self.batch_checks:
+            batch = ", ".join(filter(None, (str(group.batch_size), group.variant)))
             for c in group.checks:
                 comp = c.comparison
                 if comp.max_abs is None:
                     fail = f"FAIL: {comp.detail}"
-                    rows.append([str(group.batch_size), comp.name, *["-"] * 6, fail])
+                    rows.append([batch, comp.name, *["-"] * 6, fail])
                     continue
                 rows.append([
-                    str(group.batch_size), comp.name, c.input_shapes or "-",
+                    batch, comp.name, c.input_shapes or "-",
                     fmt_num(comp.max_abs), fmt_num(comp.error), fmt_num(comp.floor_used),
                     fmt_num(comp.ratio), fmt_margin(comp), "ok" if comp.passed else "FAIL",
                 ])  # fmt: skip
@@ -271,6 +300,7 @@ class ExportResult:
             ("written", self._written_words()),
             ("exporter", f"{self.exporter}, opset {self.opset}"),
             ("batch axis", "dynamic" if self.dynamic_batch else "static"),
+            ("dynamic", ", ".join(self.dynamic_axes) or "none"),
             ("mode", self.train_mode.summary()),
             ("simplify", self.simplify.summary()),
             ("timings", timing),
@@ -330,34 +360,41 @@ def exporter_quiet(verbose: bool = False) -> Iterator[None]:
                 logger.debug("exporter output:\n%s", chatter[-4000:])
 
 
-def _input_names(module: torch.nn.Module, count: int) -> list[str]:
-    try:
-        params = [
-            p.name
-            for p in inspect.signature(module.forward).parameters.values()
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        ]
-    except (TypeError, ValueError):
-        params = []
-    if len(params) >= count:
-        return params[:count]
-    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+@dataclass(frozen=True)
+class ExportInterface:
+    """The graph's interface: input names (one per example input), output names (None: the
+    exporter's), and its dynamic dims."""
 
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...] | None
+    dims: tuple[DynamicDim, ...]
+    n_outputs: int
 
-Axes = tuple[int | None, ...]  # per example input: its batch axis, None when not dynamic
+    @property
+    def dynamic_batch(self) -> bool:
+        return any(d.batch for d in self.dims)
+
+    def describe(self) -> tuple[str, ...]:
+        """'height (x:2)' per dynamic dim."""
+        return tuple(f"{d.symbol} ({d.where(self.input_names)})" for d in self.dims)
+
+    def without(self, dim: DynamicDim) -> str:
+        """What to ask for instead of ``dim``: the other dynamic axes of its first input."""
+        i, axis = dim.members[0]
+        kept = [a for d in self.dims if d is not dim for j, a in d.members if j == i]
+        if not kept:
+            return f"leave axis {axis} static (dynamic_batch=False)"
+        name = self.input_names[i]
+        return f"leave axis {axis} static, e.g. dynamic_axes={name}={','.join(map(str, kept))}"
 
 
 def _batch_axes(
-    module: torch.nn.Module,
-    args: Sequence[Any],
-    dynamic_batch: bool,
-    batch_axis: int | Mapping[str, int] | None,
-) -> Axes:
-    """The dynamic batch axis of every example input (``batch_axis``: one for all, or by the
-    forward's parameter name; default 0); None for non-tensors and when not dynamic."""
+    names: Sequence[str], args: Sequence[Any], batch_axis: int | Mapping[str, int] | None
+) -> list[int | None]:
+    """The batch axis of every tensor example input (``batch_axis``: one for all, or by the
+    forward's parameter name; default 0); None for non-tensors and scalars."""
     import torch
 
-    names = _input_names(module, len(args))
     if isinstance(batch_axis, Mapping) and (unknown := sorted(set(batch_axis) - set(names))):
         raise InvalidArgumentError(
             f"batch_axis: no input named {', '.join(map(repr, unknown))} "
@@ -365,7 +402,7 @@ def _batch_axes(
         )
     axes: list[int | None] = []
     for name, x in zip(names, args, strict=True):
-        if not dynamic_batch or not isinstance(x, torch.Tensor) or x.dim() == 0:
+        if not isinstance(x, torch.Tensor) or x.dim() == 0:
             axes.append(None)
             continue
         axis = batch_axis.get(name, 0) if isinstance(batch_axis, Mapping) else batch_axis or 0
@@ -374,16 +411,92 @@ def _batch_axes(
                 f"batch_axis: {axis!r} is not an axis of input '{name}' (shape {_shapes([x])})"
             )
         axes.append(axis)
-    return tuple(axes)
+    return axes
 
 
-def _trace_inputs(example_inputs: Sequence[Any], axes: Axes) -> tuple[Any, ...]:
-    """Example inputs; a batch of 1 repeated to 2 so the batch dim stays symbolic."""
-    out = []
-    for x, axis in zip(example_inputs, axes, strict=True):
-        if axis is not None and x.shape[axis] == 1:
-            x = x.repeat(*[_TRACE_BATCH if i == axis else 1 for i in range(x.dim())])
-        out.append(x)
+def _interface(
+    module: torch.nn.Module,
+    args: Sequence[Any],
+    output_keys: Sequence[str | None],
+    *,
+    dynamic_batch: bool,
+    dynamic_axes: AxesRequest | None,
+    batch_axis: int | Mapping[str, int] | None,
+    input_names: Sequence[str] | None,
+    output_names: Sequence[str] | None,
+) -> ExportInterface:
+    """Input and output names and dynamic dims from the arguments (see :func:`export`)."""
+    import torch
+
+    forward = forward_input_names(module, len(args))
+    names = names_arg(input_names, "input_names")
+    if names is not None and len(names) != len(args):
+        raise InvalidArgumentError(
+            f"input_names: {len(names)} name(s) for {len(args)} input(s) "
+            f"({', '.join(forward)})"
+        )
+    graph_names = names or tuple(forward)
+    outputs = _output_names(output_keys, names_arg(output_names, "output_names"), graph_names)
+    axes_request = dynamic_axes_arg(dynamic_axes)
+    if axes_request is not None and not dynamic_batch:
+        raise InvalidArgumentError(
+            "dynamic_axes: give dynamic_axes=() for a static export, not dynamic_axes with "
+            "dynamic_batch=False"
+        )
+    if not dynamic_batch:
+        axes_request = ()
+    if isinstance(axes_request, Mapping):  # NAME=AXES names the forward's (or given) inputs
+        axes_request = {
+            graph_names[forward.index(k)] if k in forward and k not in graph_names else k: v
+            for k, v in axes_request.items()
+        }
+    batch = _batch_axes(forward, args, batch_axis)
+    tensors = [x if isinstance(x, torch.Tensor) else None for x in args]
+    ranks = [None if x is None else x.dim() for x in tensors]
+    wanted = requested_axes(graph_names, ranks, axes_request, batch)
+    shapes = [None if x is None else tuple(int(n) for n in x.shape) for x in tensors]
+    return ExportInterface(
+        tuple(graph_names),
+        outputs,
+        dynamic_dims(graph_names, shapes, wanted, batch),
+        len(output_keys),
+    )
+
+
+def _output_names(
+    keys: Sequence[str | None], given: Sequence[str] | None, inputs: Sequence[str]
+) -> tuple[str, ...] | None:
+    """The graph's output names: ``given``, else the dict keys of the model's output (unkeyed
+    outputs ``output_{i}``), else None (the exporter names them)."""
+    if given is not None:
+        if len(given) != len(keys):
+            raise InvalidArgumentError(
+                f"output_names: {len(given)} name(s) for {len(keys)} output(s) of the model"
+            )
+        if clash := sorted(set(given) & set(inputs)):
+            raise InvalidArgumentError(
+                f"output_names: {', '.join(map(repr, clash))} is also an input name"
+            )
+        return tuple(given)
+    if all(k is None for k in keys):
+        return None
+    names = tuple(k if k is not None else f"output_{i}" for i, k in enumerate(keys))
+    if len(set(names)) != len(names) or set(names) & set(inputs):
+        return None  # keys that cannot name ONNX values uniquely: the exporter's names
+    return names
+
+
+def _trace_inputs(
+    example_inputs: Sequence[Any], dims: Sequence[DynamicDim]
+) -> tuple[Any, ...]:
+    """Example inputs; a dynamic dim of size 1 repeated to 2 so that it stays symbolic."""
+    out = list(example_inputs)
+    for dim in dims:
+        if dim.size != 1:
+            continue
+        for i, axis in dim.members:
+            x = out[i]
+            out[i] = x.repeat(*[_TRACE_SIZE if j == axis else 1 for j in range(x.dim())])
     return tuple(out)
 
 
@@ -394,20 +507,29 @@ def _shapes(args: Sequence[Any]) -> str:
 
 
 def _export_dynamo(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, interface: ExportInterface
 ) -> onnx.ModelProto:
     import torch
 
     dynamic_shapes = None
-    if any(a is not None for a in axes):
-        batch = torch.export.Dim("batch", min=1)
-        dynamic_shapes = tuple(None if a is None else {a: batch} for a in axes)
+    if interface.dims:
+        per_input: list[dict[int, Any] | None] = [None] * len(args)
+        for dim in interface.dims:
+            shared = torch.export.Dim(dim.symbol, min=1)  # one object: one symbolic dim
+            for i, axis in dim.members:
+                per_input[i] = {**(per_input[i] or {}), axis: shared}
+        dynamic_shapes = tuple(per_input)
     program = torch.onnx.export(
         module,
         args,
         dynamo=True,
         opset_version=max(opset, DYNAMO_NATIVE_OPSET),
         dynamic_shapes=dynamic_shapes,
+        # Graph inputs are the tensors among the arguments.
+        input_names=[
+            n for n, a in zip(interface.input_names, args, strict=True) if torch.is_tensor(a)
+        ],
+        output_names=None if interface.output_names is None else list(interface.output_names),
         optimize=True,
         verbose=False,
     )
@@ -433,22 +555,27 @@ def _export_dynamo(
 
 
 def _export_torchscript(
-    module: torch.nn.Module, args: tuple[Any, ...], opset: int, axes: Axes
+    module: torch.nn.Module, args: tuple[Any, ...], opset: int, interface: ExportInterface
 ) -> onnx.ModelProto:
     import torch
 
-    n_out = len(module_outputs(module, args))
-    input_names = _input_names(module, len(args))
-    output_names = ["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)]
+    n_out = interface.n_outputs
+    output_names = list(
+        interface.output_names
+        or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
+    )
     dynamic_axes: dict[str, dict[int, str]] | None = None
-    if any(a is not None for a in axes):
-        dynamic_axes = {
-            n: {a: "batch"} for n, a in zip(input_names, axes, strict=True) if a is not None
-        }
-        # Outputs carry the batch where the inputs do when they agree on one axis.
-        shared = {a for a in axes if a is not None}
-        out_axis = shared.pop() if len(shared) == 1 else 0
-        dynamic_axes.update({n: {out_axis: "batch"} for n in output_names})
+    if interface.dims:
+        dynamic_axes = {}
+        for dim in interface.dims:
+            for i, axis in dim.members:
+                dynamic_axes.setdefault(interface.input_names[i], {})[axis] = dim.symbol
+        # Outputs carry the batch where the inputs do when they agree on one axis; their
+        # other dims follow from the graph.
+        if batch := next((d for d in interface.dims if d.batch), None):
+            shared = {a for d in interface.dims if d.batch for _, a in d.members}
+            out_axis = shared.pop() if len(shared) == 1 else 0
+            dynamic_axes.update({n: {out_axis: batch.symbol} for n in output_names})
     buffer = io.BytesIO()
     torch.onnx.export(
         module,
@@ -456,7 +583,7 @@ def _export_torchscript(
         buffer,  # type: ignore[arg-type]  # a file-like object is documented and works
         dynamo=False,
         opset_version=opset,
-        input_names=input_names,
+        input_names=list(interface.input_names),
         output_names=output_names,
         dynamic_axes=dynamic_axes,
         do_constant_folding=True,
@@ -465,14 +592,21 @@ def _export_torchscript(
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _static_batch_inputs(model: onnx.ModelProto, axes: Axes) -> list[str]:
-    """Graph inputs whose batch dim is a fixed number (the exporter specialized the batch)."""
-    dynamic = [a for a in axes if a is not None]
-    return [
-        f"{s.name}{list(s.shape)}"
-        for s, axis in zip(graph_input_specs(model), dynamic, strict=False)
-        if len(s.shape) > axis and isinstance(s.shape[axis], int)
-    ]
+def _specialized(
+    model: onnx.ModelProto, interface: ExportInterface
+) -> list[tuple[DynamicDim, str, int, int]]:
+    """(dim, input, axis, size) for every dynamic axis the graph fixed to a number."""
+    specs = graph_input_specs(model)
+    by_name = {s.name: s for s in specs}
+    out = []
+    for dim in interface.dims:
+        for i, axis in dim.members:
+            name = interface.input_names[i]
+            spec = by_name.get(name) or (specs[i] if i < len(specs) else None)
+            size = spec.shape[axis] if spec is not None and len(spec.shape) > axis else None
+            if spec is not None and isinstance(size, int):
+                out.append((dim, spec.name, axis, size))
+    return out
 
 
 def _set_metadata(model: onnx.ModelProto, values: dict[str, str]) -> None:
@@ -496,7 +630,7 @@ def restore_node_metadata(original: onnx.ModelProto, rewritten: onnx.ModelProto)
 
 
 def _simplify(
-    model: onnx.ModelProto, batch_sizes: tuple[int, ...]
+    model: onnx.ModelProto, batch_sizes: tuple[int, ...], shapes: InputPlan
 ) -> tuple[onnx.ModelProto, SimplifyOutcome]:
     """onnxsim, kept only if it succeeds and gives the same outputs; node metadata restored."""
     before = len(model.graph.node)
@@ -514,7 +648,10 @@ def _simplify(
     restore_node_metadata(model, simplified)
     after = len(simplified.graph.node)
     try:
-        diffs = compare_graphs(model, simplified, batch_sizes=batch_sizes)
+        diffs = compare_graphs(
+            model, simplified, batch_sizes=batch_sizes, specs=shapes.specs(),
+            axes=shapes.axes(),
+        )  # fmt: skip
     except Exception as exc:
         note = f"simplified graph fails to run: {first_line(exc, 300, innermost=True)}"
         return model, SimplifyOutcome(True, False, before, after, note)
@@ -526,14 +663,102 @@ def _simplify(
     return simplified, SimplifyOutcome(True, True, before, after)
 
 
-def _batch_checks(
-    model: onnx.ModelProto,
-    eval_module: torch.nn.Module,
+def _graph_examples(
+    model: onnx.ModelProto, args: Sequence[Any], interface: ExportInterface
+) -> list[Any]:
+    """The example input of every graph input, matched by name (an exporter may drop an input
+    the model never reads), else by position among the tensors; [] when they do not match."""
+    import torch
+
+    specs = graph_input_specs(model)
+    named = {
+        n: a for n, a in zip(interface.input_names, args, strict=True) if torch.is_tensor(a)
+    }
+    if all(s.name in named for s in specs):
+        return [named[s.name] for s in specs]
+    tensors = list(named.values())
+    return tensors if len(tensors) == len(specs) else []
+
+
+def _example_shapes(model: onnx.ModelProto, examples: Sequence[Any]) -> dict[str, Shape]:
+    """Graph input name → the shape of its example input ({} when they do not match)."""
+    specs = graph_input_specs(model)
+    if len(examples) != len(specs):
+        return {}
+    return {
+        s.name: tuple(int(n) for n in x.shape) for s, x in zip(specs, examples, strict=True)
+    }
+
+
+@dataclass(frozen=True)
+class _CheckSet:
+    """One input set of the export check; ``dim``: the dynamic dim run at ``size`` (another
+    size than the example's), None for the example's sizes."""
+
+    feeds: FeedSet
+    dim: DynamicDim | None = None
+    size: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.feeds.label
+
+
+def _check_sets(
+    shapes: InputPlan,
+    interface: ExportInterface,
     batch_sizes: tuple[int, ...],
     seed: int,
+) -> tuple[list[_CheckSet], list[str]]:
+    """The example's sizes at each batch size, and each non-batch dynamic dim at another size
+    (:func:`~normdeploy.shapes.other_size`) at the first batch size; notes."""
+    specs, axes = shapes.specs(), shapes.axes()
+    sets = [
+        _CheckSet(FeedSet(f"b{b}/seed{seed}", b, make_feeds(specs, b, seed, axes=axes), seed))
+        for b in batch_sizes
+    ]
+    notes = []
+    for dim in interface.dims:
+        if dim.batch:
+            continue
+        if shapes.size_of(dim.symbol) is None:
+            notes.append(
+                f"dynamic dim '{dim.symbol}' is not a dim of the graph's inputs: not checked "
+                "at another size"
+            )
+            continue
+        other = other_size(dim.size)
+        sized = shapes.sized({dim.symbol: other}, EXAMPLE)
+        b = batch_sizes[0]
+        feeds = make_feeds(sized.specs(), b, seed, axes=sized.axes())
+        label = f"b{b}/seed{seed} {dim.symbol}={other}"
+        sets.append(_CheckSet(FeedSet(label, b, feeds, seed), dim, other))
+    return sets, notes
+
+
+def _rejected(name: str, check: _CheckSet, interface: ExportInterface, exc: Exception) -> str:
+    """The one line for a model that rejects a dynamic dim at another size."""
+    assert check.dim is not None
+    i, axis = check.dim.members[0]
+    what = "" if isinstance(exc, UserCodeError) else f"{type(exc).__name__}: "
+    return (
+        f"dynamic_axes: {name} rejects {check.dim.symbol}={check.size} (axis {axis} of input "
+        f"'{interface.input_names[i]}', {check.dim.size} in the example), which the graph "
+        f"makes dynamic: {what}{first_line(exc, 200, innermost=True)}; "
+        f"{interface.without(check.dim)}"
+    )
+
+
+def _export_checks(
+    model: onnx.ModelProto,
+    eval_module: torch.nn.Module,
+    sets: Sequence[_CheckSet],
+    interface: ExportInterface,
+    name: str,
 ) -> tuple[tuple[BatchCheck, ...], list[str]]:
-    """onnxruntime vs PyTorch eval on seeded stress inputs at each batch size, judged by the
-    tolerance policy against a float64 copy of the module; and notes."""
+    """onnxruntime vs PyTorch eval on each input set, judged by the tolerance policy against
+    a float64 copy of the module; and notes. A model that fails at another size of a dynamic
+    dim rejects that dim: InvalidArgumentError naming axis and size."""
     import torch
 
     specs = graph_input_specs(model)
@@ -544,58 +769,76 @@ def _batch_checks(
     except Exception as exc:  # a graph onnxruntime cannot load: every check fails with why
         return tuple(
             BatchCheck(
-                b, (failed_check(REFERENCE, CPU, f"b{b}/seed{seed}", "onnxruntime", exc, b),)
+                c.feeds.batch_size or 0,
+                (failed_check(REFERENCE, CPU, c.key, "onnxruntime", exc, c.feeds.batch_size),),
+                c.key,
             )
-            for b in batch_sizes
+            for c in sets
         ), []
     eval32 = TorchRunner(eval_module, names, outputs)
     eval64: TorchRunner | None = TorchRunner(eval_module, names, outputs, dtype=torch.float64)
     notes: list[str] = []
-    done: list[tuple[int, str, dict[str, Any], Any, Any, str]] = []
-    failed: dict[int, Check] = {}
-    axes = batch_axes(specs)  # the graph's dims named "batch"
-    for batch in batch_sizes:
-        feeds = make_feeds(specs, batch, seed, axes=axes)
-        label = f"b{batch}/seed{seed}"
-        shapes = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+    done: dict[str, tuple[Any, Any, Any]] = {}
+    failed: dict[str, Check] = {}
+    ran_torch = False
+    for check in sets:
+        fs, label, batch = check.feeds, check.key, check.feeds.batch_size
+        expected = None
+        # Another size of a dynamic dim: the model first, does it take that size at all? Only
+        # where it ran at the example's sizes (sets come in that order): else the failure is
+        # not the size's.
+        if check.dim is not None and ran_torch:
+            try:
+                expected = eval32.infer(fs.feeds)
+            except InvalidArgumentError:
+                raise
+            except Exception as exc:
+                raise InvalidArgumentError(_rejected(name, check, interface, exc)) from None
         try:
-            actual = runner.infer(feeds)
+            actual = runner.infer(fs.feeds)
         except Exception as exc:
-            failed[batch] = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
+            failed[label] = failed_check(REFERENCE, CPU, label, "onnxruntime", exc, batch)
             continue
-        try:
-            expected = eval32.infer(feeds)
-        except InvalidArgumentError as exc:  # another number of outputs than the graph
-            failed[batch] = failed_check(REFERENCE, CPU, label, "output matching", exc, batch)
-            continue
-        except Exception as exc:
-            failed[batch] = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
-            continue
+        if expected is None:
+            try:
+                expected = eval32.infer(fs.feeds)
+            except InvalidArgumentError as exc:  # another number of outputs than the graph
+                failed[label] = failed_check(
+                    REFERENCE, CPU, label, "output matching", exc, batch
+                )
+                continue
+            except Exception as exc:
+                failed[label] = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
+                continue
+        ran_torch = True
         truth = None
         if eval64 is not None:
             try:
-                truth = eval64.infer(feeds)
+                truth = eval64.infer(fs.feeds)
             except Exception as exc:  # no float64 copy: the nominal floor applies
                 notes.append(f"the float64 copy of the module fails: {first_line(exc, 160)}")
                 eval64 = None
-        done.append((batch, label, expected, actual, truth, shapes))
+        done[label] = (expected, actual, truth)
     floors = (
-        pooled_floors([d[2] for d in done], [d[4] for d in done])
-        if done and all(d[4] is not None for d in done)
+        pooled_floors([d[0] for d in done.values()], [d[2] for d in done.values()])
+        if done and all(d[2] is not None for d in done.values())
         else None
     )
     groups = []
-    for batch in batch_sizes:
-        if batch in failed:
-            groups.append(BatchCheck(batch, (failed[batch],)))
+    for check in sets:
+        label, batch = check.key, check.feeds.batch_size or 0
+        if label in failed:
+            groups.append(BatchCheck(batch, (failed[label],), label))
             continue
-        _, label, expected, actual, truth, shapes = next(d for d in done if d[0] == batch)
+        expected, actual, truth = done[label]
+        suffix = f"@b{batch}" + (f",{check.dim.symbol}={check.size}" if check.dim else "")
         checks = compare_outputs(
             expected, actual, kind=REFERENCE, provider=CPU, inputs=label,
-            policy=DEFAULT_POLICY, batch_size=batch, suffix=f"@b{batch}",
-            truth=truth if floors is not None else None, floors=floors, input_shapes=shapes,
+            policy=DEFAULT_POLICY, batch_size=batch, suffix=suffix,
+            truth=truth if floors is not None else None, floors=floors,
+            input_shapes=check.feeds.shapes(),
         )  # fmt: skip
-        groups.append(BatchCheck(batch, tuple(checks)))
+        groups.append(BatchCheck(batch, tuple(checks), label))
     return tuple(groups), notes
 
 
@@ -622,11 +865,14 @@ def _example_args(example_inputs: Sequence[Any] | Any) -> tuple[Any, ...]:
     return (example_inputs,)
 
 
-def _run_in_eval(module: torch.nn.Module, args: tuple[Any, ...], name: str) -> torch.nn.Module:
-    """An eval-mode copy that has run once on ``args``: a model that fails there is bad input."""
+def _run_in_eval(
+    module: torch.nn.Module, args: tuple[Any, ...], name: str
+) -> tuple[torch.nn.Module, list[str | None]]:
+    """An eval-mode copy that has run once on ``args`` (a model that fails there is bad
+    input), and the dict key of each of its outputs (None where there is none)."""
     eval_module = copy.deepcopy(module).eval()
     try:
-        outputs = module_outputs(eval_module, args)
+        outputs = named_module_outputs(eval_module, args)
     except Exception as exc:
         what = "" if isinstance(exc, UserCodeError) else f"{type(exc).__name__}: "
         raise InvalidArgumentError(
@@ -638,7 +884,51 @@ def _run_in_eval(module: torch.nn.Module, args: tuple[Any, ...], name: str) -> t
             f"{name}: the model returns no tensors on example inputs of shape {_shapes(args)} "
             "(forward returned None or no tensor); an ONNX graph needs at least one output"
         )
-    return eval_module
+    return eval_module, [key for key, _ in outputs]
+
+
+_EXPORT_FN = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+
+
+def _call_exporter(
+    exporter: str,
+    eval_module: torch.nn.Module,
+    trace_args: tuple[Any, ...],
+    opset: int,
+    interface: ExportInterface,
+    name: str,
+) -> onnx.ModelProto:
+    """One exporter's graph, its chatter silenced and the model's code guarded."""
+    with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
+        return _EXPORT_FN[exporter](eval_module, trace_args, opset, interface)
+
+
+def _what_works(
+    exporter: str,
+    eval_module: torch.nn.Module,
+    trace_args: tuple[Any, ...],
+    opset: int,
+    interface: ExportInterface,
+    name: str,
+) -> str:
+    """After ``exporter`` failed: the first of the other exporter, a static export, and the
+    other exporter static that exports the model, in words; or that they fail too."""
+    other = next(e for e in EXPORTERS if e != exporter)
+    static = dataclasses.replace(interface, dims=())
+    tries = [(other, interface, f"exporter='{other}' exports it")]
+    if interface.dims:
+        tries += [
+            (exporter, static, "dynamic_batch=False exports it: the dynamic axes fail"),
+            (other, static, f"exporter='{other}' with dynamic_batch=False exports it"),
+        ]
+    for candidate, iface, words in tries:
+        try:
+            _call_exporter(candidate, eval_module, trace_args, opset, iface, name)
+        except Exception:  # this one fails too: try the next
+            continue
+        return words
+    static_too = " and a static export" if interface.dims else ""
+    return f"the {other} exporter{static_too} fail as well"
 
 
 def _run_exporter(
@@ -646,22 +936,20 @@ def _run_exporter(
     eval_module: torch.nn.Module,
     trace_args: tuple[Any, ...],
     opset: int,
-    axes: Axes,
+    interface: ExportInterface,
     name: str,
 ) -> onnx.ModelProto:
-    """The exporter's graph, checked for the requested opset and a symbolic batch."""
-    export_fn = _export_dynamo if exporter == "dynamo" else _export_torchscript
-    dynamic_batch = any(a is not None for a in axes)
+    """The exporter's graph, checked for the requested opset and the dynamic axes asked for.
+    On failure the message says which alternative exports the model (:func:`_what_works`)."""
     try:
-        with exporter_quiet(logger.isEnabledFor(logging.INFO)), user_code(f"{name}'s forward"):
-            model = export_fn(eval_module, trace_args, opset, axes)
+        model = _call_exporter(exporter, eval_module, trace_args, opset, interface, name)
     except ExportError:
         raise
     except Exception as exc:
-        hint = " (try dynamic_batch=False)" if dynamic_batch else ""
+        why = f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+        works = _what_works(exporter, eval_module, trace_args, opset, interface, name)
         raise ExportError(
-            f"{exporter} exporter failed on {name} at opset {opset}{hint}: "
-            f"{type(exc).__name__}: {first_line(exc, 300, innermost=True)}"
+            f"{exporter} exporter failed on {name} at opset {opset}: {why}; {works}"
         ) from None
     got_opset = default_opset(model)
     if got_opset != opset:
@@ -670,10 +958,18 @@ def _run_exporter(
             "(its version conversion failed); use opset=18 or higher, or "
             "exporter='torchscript'"
         )
-    if dynamic_batch and (fixed := _static_batch_inputs(model, axes)):
+    fixed = _specialized(model, interface)
+    if batch := [f"{inp}[axis {axis} = {size}]" for d, inp, axis, size in fixed if d.batch]:
         raise ExportError(
             f"{exporter} exporter specialized the batch dimension of {name} "
-            f"(inputs {', '.join(fixed)}); export with dynamic_batch=False or another exporter"
+            f"(inputs {', '.join(batch)}); export with dynamic_batch=False or another exporter"
+        )
+    if fixed:
+        dim, inp, axis, size = fixed[0]
+        raise InvalidArgumentError(
+            f"dynamic_axes: {name} fixes axis {axis} of input '{inp}' ({dim.symbol}) at "
+            f"{size}: the {exporter} exporter made it static, so it cannot be dynamic; "
+            f"{interface.without(dim)}"
         )
     return model
 
@@ -686,7 +982,10 @@ def export(
     opset: int | None = None,
     exporter: str | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: AxesRequest | None = None,
     batch_axis: int | Mapping[str, int] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
     simplify: bool | None = None,
     model_name: str | None = None,
     overwrite: bool = False,
@@ -698,6 +997,15 @@ def export(
 
     The dynamic batch dim (named ``batch``) is axis 0 of every tensor input unless
     ``batch_axis`` says another (one for all, or by the forward's parameter name).
+    ``dynamic_axes`` makes other axes symbolic too: axis indices for every input (``(0, 1)``
+    for batch and sequence, ``(0, 2, 3)`` for batch, height and width; an index beyond an
+    input's rank is ignored for it) or ``{name: axes}``; ``()`` or ``dynamic_batch=False`` for
+    none. The same axis index on several inputs whose example sizes agree is one dim (token
+    ids and their attention mask); see :func:`normdeploy.shapes.dynamic_dims` for the names.
+    The check runs the example's sizes at batch 1 and 3 and each other dynamic dim at another
+    size (:func:`normdeploy.shapes.other_size`); a model that rejects that size is an
+    InvalidArgumentError naming the axis. ``input_names``/``output_names`` name the graph's
+    inputs and outputs; a model returning a dict names its outputs by the keys.
     ``simplify=None`` runs onnxsim after the TorchScript exporter only. The result is falsy when
     onnxruntime disagrees with PyTorch eval beyond the tolerance policy; then nothing is
     written, or with ``keep_failed`` the graph is kept as ``NAME.failed.onnx``
@@ -727,27 +1035,33 @@ def export(
     timings: dict[str, float] = {}
     notes: list[str] = []
 
-    eval_module = _run_in_eval(module, args, name)
+    eval_module, output_keys = _run_in_eval(module, args, name)
+    interface = _interface(
+        module, args, output_keys, dynamic_batch=dynamic_batch, dynamic_axes=dynamic_axes,
+        batch_axis=batch_axis, input_names=input_names, output_names=output_names,
+    )  # fmt: skip
     train = training_report(module, args)
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
-    axes = _batch_axes(module, args, dynamic_batch, batch_axis)
-    trace_args = _trace_inputs(args, axes)
+    trace_args = _trace_inputs(args, interface.dims)
 
     start = time.perf_counter()
-    model = _run_exporter(exporter, eval_module, trace_args, opset, axes, name)
+    model = _run_exporter(exporter, eval_module, trace_args, opset, interface, name)
     timings["export"] = time.perf_counter() - start
     _set_metadata(model, {
         "source_model": source or name,
         "model_name": name,
         "exporter": f"{exporter} (torch {torch.__version__})",
         "opset": str(opset),
-        "dynamic_batch": str(dynamic_batch).lower(),
+        "dynamic_batch": str(interface.dynamic_batch).lower(),
+        "dynamic_axes": ", ".join(interface.describe()),
         "version": __version__,
     })  # fmt: skip
 
+    examples = _graph_examples(model, args, interface)
+    shapes = plan_inputs(graph_input_specs(model), examples=examples)
     batch_sizes: tuple[int, ...] = CHECK_BATCH_SIZES
-    if not dynamic_batch:
+    if not interface.dynamic_batch:
         specs = graph_input_specs(model)
         axis = batch_axis if isinstance(batch_axis, int) else 0
         first = specs[0].shape[axis] if specs and len(specs[0].shape) > axis else None
@@ -755,14 +1069,15 @@ def export(
     simplified = SimplifyOutcome(False)
     if (exporter == "torchscript") if simplify is None else simplify:
         start = time.perf_counter()
-        model, simplified = _simplify(model, batch_sizes)
+        model, simplified = _simplify(model, batch_sizes, shapes)
         timings["simplify"] = time.perf_counter() - start
         if not simplified.applied:
             notes.append(f"onnxsim result discarded: {simplified.note}")
 
     start = time.perf_counter()
-    checks, check_notes = _batch_checks(model, eval_module, batch_sizes, seed)
-    notes += check_notes
+    sets, set_notes = _check_sets(shapes, interface, batch_sizes, seed)
+    checks, check_notes = _export_checks(model, eval_module, sets, interface, name)
+    notes += set_notes + check_notes
     timings["check"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -787,7 +1102,9 @@ def export(
         source=source or name,
         exporter=exporter,
         opset=opset,
-        dynamic_batch=dynamic_batch,
+        dynamic_batch=interface.dynamic_batch,
+        dynamic_axes=interface.describe(),
+        example_shapes=_example_shapes(model, examples),
         train_mode=train,
         batch_checks=checks,
         census=taken,
@@ -815,15 +1132,20 @@ def export_model(
     path: str | os.PathLike[str],
     *,
     weights: str | os.PathLike[str] | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_shapes: ShapeRequest | None = None,
+    input_dtypes: DtypeRequest | None = None,
     **options: Any,
 ) -> ExportResult:
-    """Resolve a MODEL spec (reference name or ``package.module:factory``) and export it."""
+    """Resolve a MODEL spec (reference name or ``package.module:factory``) and export it;
+    ``input_shapes``/``input_dtypes`` make its example inputs
+    (:func:`normdeploy.modelspec.example_inputs_for`)."""
     from normdeploy.modelspec import resolve_model
 
     # The outputs first: building a model is work, and a bad -o should not wait for it.
     _plan_export(path, options.get("overwrite", False), options.get("keep_failed", False))
-    resolved = resolve_model(spec, weights=weights, input_shapes=input_shapes)
+    resolved = resolve_model(
+        spec, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes
+    )
     options.setdefault("model_name", resolved.name)
     options.setdefault("source", resolved.source)
     return export(resolved.module, resolved.example_inputs, path, **options)

@@ -21,14 +21,16 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
 
-from normdeploy.arguments import check_bool, check_int, onnx_model_arg, path_arg
+from normdeploy.arguments import check_bool, check_int, feeds_arg, onnx_model_arg, path_arg
 from normdeploy.errors import (
+    InvalidArgumentError,
     InvalidModelError,
     NormdeployError,
     VerificationFailed,
@@ -39,19 +41,19 @@ from normdeploy.io import (
     check_input_file,
     data_file_for,
     failed_file_for,
-    model_header,
     read_onnx,
     restage_as,
     stage_onnx,
     staging_dir,
 )
-from normdeploy.onnx_graph import InputSpec, default_opset, graph_input_specs
+from normdeploy.onnx_graph import default_opset, graph_input_specs
 from normdeploy.passes import FOLDED, KEPT, MERGED, GraphPass, LedgerEntry, PassResult
 from normdeploy.passes.fold_bn import FoldBatchNorm
 from normdeploy.passes.fuse_norms import Confirmation, FuseNorms
 from normdeploy.passes.merge_branches import FoldBatchNormAndMerge
 from normdeploy.passes.opset import CONVERTER, convert_opset
 from normdeploy.report import markdown_table, text_table
+from normdeploy.shapes import InputPlan, ShapeRequest, input_shapes_arg, plan_inputs
 from normdeploy.verification.compare import (
     GRAPH_VS_ORIGINAL,
     ArrayComparison,
@@ -59,7 +61,7 @@ from normdeploy.verification.compare import (
     compare_graphs,
     failed_check,
 )
-from normdeploy.verification.feeds import make_feeds
+from normdeploy.verification.feeds import FeedSet, load_feeds, make_feeds, size_free_dims
 from normdeploy.verification.float64 import Float64Graph
 from normdeploy.verification.results import describe_verdict, worst
 from normdeploy.verification.runners import CPU, OrtRunner, ort_message
@@ -267,10 +269,11 @@ def _result(
     checks: tuple[Check, ...] | None,
     timings: dict[str, float],
     conversion: OpsetConversion | None = None,
+    notes: tuple[str, ...] = (),
 ) -> FoldResult:
     return FoldResult(
         done.model, done.ledger, source, checks, timings, graph_pass.name,
-        graph_pass.subject, graph_pass.action, done.notes, conversion,
+        graph_pass.subject, graph_pass.action, (*notes, *done.notes), conversion,
     )  # fmt: skip
 
 
@@ -302,14 +305,70 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-def _self_check(
+@dataclass
+class CheckInputs:
+    """What a pass's self-check feeds both graphs: the input shapes (see
+    :mod:`normdeploy.shapes`), the batch sizes, and user feeds that run as well. Free symbolic
+    dims are sized on the first comparison, by probing ``original`` until it runs."""
+
+    original: onnx.ModelProto | Path | bytes
+    source: str
+    shapes: InputPlan
+    batch_sizes: tuple[int, ...] = CHECK_BATCH_SIZES
+    extra: tuple[FeedSet, ...] = ()
+    seed: int = 0
+
+    def sized(self) -> InputPlan:
+        """The shapes with every free symbolic dim sized (probed once, on first use)."""
+        if self.shapes.free():
+            runner = OrtRunner(self.original, CPU).open(self.source)
+            self.shapes = size_free_dims(self.shapes, runner.infer, self.source, self.seed)
+        return self.shapes
+
+    def compare(
+        self,
+        original: onnx.ModelProto | Path | bytes,
+        rewritten: onnx.ModelProto | Path,
+        truth: Float64Graph | None,
+    ) -> tuple[Check, ...]:
+        shapes = self.sized()
+        return compare_graphs(
+            original, rewritten, seed=self.seed, truth=truth, specs=shapes.specs(),
+            axes=shapes.axes(), batch_sizes=self.batch_sizes, extra=self.extra,
+        )  # fmt: skip
+
+
+def check_inputs(
+    header: onnx.ModelProto,
     original: onnx.ModelProto | Path | bytes,
-    rewritten: onnx.ModelProto | Path,
     source: str,
-    pass_name: str,
+    *,
+    verify: bool,
+    input_shapes: ShapeRequest | None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None,
     seed: int,
+) -> CheckInputs:
+    """The self-check's inputs for ``original`` (``header``: its proto, weights not needed):
+    ``input_shapes`` checked against its declared inputs, ``inputs`` (an ``.npz`` or a
+    mapping) loaded and checked. Bad input is refused even when ``verify=False``, before any
+    work."""
+    specs = graph_input_specs(header)
+    shapes = plan_inputs(specs, input_shapes=input_shapes_arg(input_shapes))
+    if inputs is not None and not verify:
+        raise InvalidArgumentError("inputs: verify=False runs no check to feed them")
+    extra: tuple[FeedSet, ...] = ()
+    if inputs is not None:
+        label, feeds = load_feeds(feeds_arg(inputs) or {}, specs)
+        extra = (FeedSet(label, None, feeds),)
+    batch_sizes = (shapes.user_batch,) if shapes.user_batch else CHECK_BATCH_SIZES
+    return CheckInputs(original, source, shapes, batch_sizes, extra, seed)
+
+
+def _self_check(
+    rewritten: onnx.ModelProto | Path,
+    pass_name: str,
+    inputs: CheckInputs,
     truth: Float64Graph | None = None,
-    specs: list[InputSpec] | None = None,
 ) -> tuple[Check, ...]:
     """The rewritten graph against the original on onnxruntime CPU (optimizations off), with
     ``truth`` (a float64 copy of the original) as ground truth when there is one.
@@ -317,27 +376,35 @@ def _self_check(
     A graph onnxruntime cannot load or run is the input's fault when the original fails on its
     own (a user error naming the input); when only the rewrite fails it is a failed check.
     """
+    skip = f"{pass_name} cannot check its result on it (verify=False skips the check)"
     try:
-        return compare_graphs(
-            original, rewritten, seed=seed, truth=truth, specs=specs,
-            batch_sizes=CHECK_BATCH_SIZES,
-        )  # fmt: skip
+        return inputs.compare(inputs.original, rewritten, truth)
+    except InvalidModelError as exc:  # the original cannot be loaded, or run at any size
+        raise InvalidModelError(f"{exc}; {skip}") from None
     except NormdeployError:
         raise
     except Exception as exc:
         cause = exc
-    skip = f"{pass_name} cannot check its result on it (verify=False skips the check)"
+    source = inputs.source
     try:
-        runner = OrtRunner(original, CPU).open(source)
+        runner = OrtRunner(inputs.original, CPU).open(source)
     except InvalidModelError as exc:
         raise InvalidModelError(f"{exc}; {skip}") from None
+    shapes = inputs.shapes
+    feed_sets = [
+        FeedSet("", None, make_feeds(shapes.specs(), inputs.batch_sizes[0], inputs.seed,
+                                     axes=shapes.axes())),
+        *inputs.extra,
+    ]  # fmt: skip
+    fs = feed_sets[0]
     try:
-        runner.infer(make_feeds(graph_input_specs(model_header(original)), 1, seed))
+        for fs in feed_sets:
+            runner.infer(fs.feeds)
     except NormdeployError:
         raise
     except Exception as exc:
         raise InvalidModelError(
-            f"{source}: onnxruntime cannot run it: {ort_message(exc)}; {skip}"
+            f"{source}: onnxruntime cannot run it on {fs.shapes()}: {ort_message(exc)}; {skip}"
         ) from None
     return (
         failed_check(GRAPH_VS_ORIGINAL, CPU, "-", f"running the {pass_name} output", cause),
@@ -355,6 +422,7 @@ def _convert(
     seed: int,
     timings: dict[str, float],
     what: str,
+    inputs: CheckInputs,
     truth: Float64Graph | None = None,
 ) -> OpsetConversion | None:
     """Convert ``work`` in place to ``opset`` (None, or the opset it has: nothing to do) and,
@@ -371,7 +439,7 @@ def _convert(
     if verify:
         start = time.perf_counter()
         try:
-            checks = compare_graphs(original, work, seed=seed, truth=truth)
+            checks = inputs.compare(original, work, truth)
         except Exception as exc:  # onnxruntime's own error types
             raise InvalidModelError(
                 f"{source}: the graph converted to opset {opset} cannot be checked: "
@@ -410,14 +478,20 @@ def run_pass(
     inplace: bool = False,
     seed: int = 0,
     opset: int | None = None,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Apply ``graph_pass`` to a model, its bytes or a file (in memory); verify against the
     original.
 
     A caller's ModelProto is copied first (one more copy of its weights) unless
     ``inplace=True``; a file is loaded and rewritten in memory. With ``opset``, the model is
-    converted to that opset (and checked) first. Raises VerificationFailed when the result
-    differs from the original beyond the output dtype's tolerance.
+    converted to that opset (and checked) first. The check runs on seeded stress inputs of the
+    graph's declared shapes: ``input_shapes`` (a shape per input, or ``{name: shape}``) sizes
+    its symbolic dims, sizes at which the original runs are probed for the rest
+    (:mod:`normdeploy.shapes`), and ``inputs`` (an ``.npz`` or a mapping) run as well. Raises
+    VerificationFailed when the result differs from the original beyond the output dtype's
+    tolerance.
     """
     model = onnx_model_arg(model, "model")
     check_bool(verify, "verify")
@@ -436,12 +510,16 @@ def run_pass(
         source, original, work = str(loaded.path), loaded.path, loaded.model
     timings["load"] = time.perf_counter() - start
     what = "rewritten in place" if inplace else "the input was not changed"
+    check_in = check_inputs(
+        work, original, source, verify=verify, input_shapes=input_shapes, inputs=inputs,
+        seed=seed,
+    )  # fmt: skip
     # The float64 reference is made before the pass rewrites the proto (inplace, or a file's)
     # and before any opset conversion: it is the input's own.
     truth = Float64Graph.of(work) if verify else None
     conversion = _convert(
-        graph_pass, work, opset, original, source,
-        verify=verify, seed=seed, timings=timings, what=what, truth=truth,
+        graph_pass, work, opset, original, source, verify=verify, seed=seed,
+        timings=timings, what=what, inputs=check_in, truth=truth,
     )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(work, source)
@@ -450,13 +528,11 @@ def run_pass(
     if verify:
         start = time.perf_counter()
         changed = done.modified or conversion is not None
-        checks = (
-            _self_check(original, done.model, source, graph_pass.name, seed, truth)
-            if changed
-            else ()
-        )
+        checks = _self_check(done.model, graph_pass.name, check_in, truth) if changed else ()
         timings["verify"] = time.perf_counter() - start
-    result = _result(graph_pass, done, source, checks, timings, conversion)
+    result = _result(
+        graph_pass, done, source, checks, timings, conversion, check_in.shapes.notes
+    )
     _raise_if_failed(result, what)
     return result
 
@@ -471,11 +547,13 @@ def run_pass_on_file(
     seed: int = 0,
     opset: int | None = None,
     keep_failed: bool = False,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Apply ``graph_pass`` to a file and write the result to another. Every file it may write
     is checked before the input is read; the output is staged beside its target, verified
-    against the input, and only then published. With ``opset``, the model is converted to that
-    opset (and checked) before the pass.
+    against the input (on the inputs :func:`run_pass` describes), and only then published.
+    With ``opset``, the model is converted to that opset (and checked) before the pass.
 
     Keeps external data when the input had it (``OUT.data`` beside ``OUT``). When the check
     fails nothing is written, or with ``keep_failed`` the graph is kept as ``NAME.failed.onnx``
@@ -506,12 +584,15 @@ def run_pass_on_file(
             plan.add(data_file_for(failed), "failed graph's external data")
     source = str(loaded.path)
     timings["load"] = time.perf_counter() - start
-    specs = graph_input_specs(loaded.model)
+    check_in = check_inputs(
+        loaded.model, loaded.path, source, verify=verify, input_shapes=input_shapes,
+        inputs=inputs, seed=seed,
+    )  # fmt: skip
     # The float64 reference is the input's own: made before any conversion or rewrite.
     truth = Float64Graph.of(loaded.model) if verify else None
     conversion = _convert(
-        graph_pass, loaded.model, opset, loaded.path, source,
-        verify=verify, seed=seed, timings=timings, what=f"{out} not written", truth=truth,
+        graph_pass, loaded.model, opset, loaded.path, source, verify=verify, seed=seed,
+        timings=timings, what=f"{out} not written", inputs=check_in, truth=truth,
     )  # fmt: skip
     start = time.perf_counter()
     done = graph_pass(loaded.model, source)
@@ -526,13 +607,11 @@ def run_pass_on_file(
         if verify:
             start = time.perf_counter()
             changed = done.modified or conversion is not None
-            checks = (
-                _self_check(loaded.path, staged, source, graph_pass.name, seed, truth, specs)
-                if changed
-                else ()
-            )
+            checks = _self_check(staged, graph_pass.name, check_in, truth) if changed else ()
             timings["verify"] = time.perf_counter() - start
-        result = _result(graph_pass, done, source, checks, timings, conversion)
+        result = _result(
+            graph_pass, done, source, checks, timings, conversion, check_in.shapes.notes
+        )
         if result.verified is False and failed is not None:
             kept = restage_as(staged, failed.name)
             plan.publish([(f, failed.parent / f.name) for f in kept])
@@ -553,6 +632,8 @@ def fold_bn(
     inplace: bool = False,
     seed: int = 0,
     merge: bool = True,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Fold BatchNormalization in a model, its bytes or a file; verify against the original by
     default.
@@ -560,9 +641,12 @@ def fold_bn(
     With ``merge`` (the default) summed parallel branches on the same input are then merged
     into one Conv (RepVGG-style blocks: their identity BatchNorms go too). See
     :mod:`normdeploy.passes.fold_bn` and :mod:`normdeploy.passes.merge_branches` for what
-    folds and merges, and :func:`run_pass` for the flow.
+    folds and merges, and :func:`run_pass` for the flow and the check's inputs.
     """
-    return run_pass(_fold_pass(merge), model, verify=verify, inplace=inplace, seed=seed)
+    return run_pass(
+        _fold_pass(merge), model, verify=verify, inplace=inplace, seed=seed,
+        input_shapes=input_shapes, inputs=inputs,
+    )  # fmt: skip
 
 
 def fold_bn_file(
@@ -574,11 +658,13 @@ def fold_bn_file(
     seed: int = 0,
     merge: bool = True,
     keep_failed: bool = False,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Fold a file into another (see :func:`run_pass_on_file` and :func:`fold_bn`)."""
     return run_pass_on_file(
         _fold_pass(merge), input_path, output_path, overwrite=overwrite, verify=verify,
-        seed=seed, keep_failed=keep_failed,
+        seed=seed, keep_failed=keep_failed, input_shapes=input_shapes, inputs=inputs,
     )  # fmt: skip
 
 
@@ -621,6 +707,8 @@ def fuse_norms(
     verify: bool = True,
     inplace: bool = False,
     seed: int = 0,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Rewrite decomposed LayerNorm/RMSNorm as LayerNormalization/RMSNormalization in a model
     or file; each fused norm is confirmed against its decomposition, and the whole graph
@@ -632,8 +720,9 @@ def fuse_norms(
     :mod:`normdeploy.passes.fuse_norms` for what fuses and :func:`run_pass` for the flow.
     """
     return run_pass(
-        _fuse_pass(verify, seed), model, verify=verify, inplace=inplace, seed=seed, opset=opset
-    )
+        _fuse_pass(verify, seed), model, verify=verify, inplace=inplace, seed=seed,
+        opset=opset, input_shapes=input_shapes, inputs=inputs,
+    )  # fmt: skip
 
 
 def fuse_norms_file(
@@ -645,10 +734,13 @@ def fuse_norms_file(
     verify: bool = True,
     seed: int = 0,
     keep_failed: bool = False,
+    input_shapes: ShapeRequest | None = None,
+    inputs: str | os.PathLike[str] | Mapping[str, Any] | None = None,
 ) -> FoldResult:
     """Fuse the norms of a file into another (see :func:`fuse_norms`, :func:`run_pass_on_file`);
     a file with nothing to fuse is written as it was."""
     return run_pass_on_file(
         _fuse_pass(verify, seed), input_path, output_path,
         overwrite=overwrite, verify=verify, seed=seed, opset=opset, keep_failed=keep_failed,
+        input_shapes=input_shapes, inputs=inputs,
     )  # fmt: skip

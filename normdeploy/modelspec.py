@@ -16,14 +16,17 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from normdeploy.errors import (
     InvalidArgumentError,
@@ -35,6 +38,14 @@ from normdeploy.errors import (
     user_code,
 )
 from normdeploy.io import check_input_file
+from normdeploy.shapes import (
+    DtypeRequest,
+    ShapeRequest,
+    dtype_of,
+    example_dtype_high,
+    input_dtypes_arg,
+    shapes_by_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -52,29 +63,130 @@ class ResolvedModel:
     source: str
 
 
-def parse_shape(text: str) -> tuple[int, ...]:
-    """'1x3x224x224' → (1, 3, 224, 224); InvalidArgumentError on anything else."""
-    parts = text.lower().replace(",", "x").split("x")
+def forward_parameters(module: torch.nn.Module) -> list[str]:
+    """Names of ``module.forward``'s positional parameters ([] where the signature is hidden)."""
     try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InvalidArgumentError(
-            f"input_shapes: '{text}' is not a shape like 1x3x224x224"
-        ) from None
-    if not dims or any(d <= 0 for d in dims):
-        raise InvalidArgumentError(f"input_shapes: '{text}' must have positive dims")
-    return dims
+        return [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return []
 
 
-def check_input_shapes_fit(input_shapes: Sequence[Sequence[int]]) -> None:
-    """Refuse example inputs (float32) over the memory budget before they are allocated."""
+def forward_input_names(module: torch.nn.Module, count: int) -> list[str]:
+    """Names of the first ``count`` positional inputs of ``module.forward`` (``input`` /
+    ``input_{i}`` where the signature does not say)."""
+    params = forward_parameters(module)
+    if len(params) >= count:
+        return params[:count]
+    return ["input"] if count == 1 else [f"input_{i}" for i in range(count)]
+
+
+def _vocabulary(module: torch.nn.Module) -> int | None:
+    """The smallest ``num_embeddings`` of the module's Embeddings: ids below it are valid."""
+    import torch
+
+    sizes = [
+        m.num_embeddings
+        for m in module.modules()
+        if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+    ]
+    return min(sizes) if sizes else None
+
+
+def example_inputs_for(
+    module: torch.nn.Module,
+    input_shapes: ShapeRequest,
+    *,
+    examples: Sequence[Any] | None = None,
+    input_dtypes: DtypeRequest | None = None,
+    seed: int = 0,
+) -> tuple[Any, ...]:
+    """Example inputs of the requested shapes (``input_shapes``: one per input in order, or by
+    the forward's parameter name; inputs not named keep their example). Each keeps its
+    example's dtype, else takes ``input_dtypes`` (one for all, or by name; default float32);
+    integer inputs get ids below the vocabulary an Embedding reveals (within the example's own
+    range where there is one), floats seeded normal values. Sized against the memory budget
+    before anything is allocated."""
+    import torch
+
     from normdeploy.budget import array_bytes, check_allocation
+    from normdeploy.verification.runners import from_numpy
 
-    shapes = [tuple(int(d) for d in s) for s in input_shapes]
+    examples = tuple(examples or ())
+    if isinstance(input_shapes, Mapping):
+        known = forward_input_names(
+            module, max(len(examples), len(forward_parameters(module)))
+        )
+        shapes_by_name(known, input_shapes, owner="the model")  # unknown names: one line
+        count = max(len(examples), *(known.index(n) + 1 for n in input_shapes))
+    else:
+        count = len(examples) or len(input_shapes)
+    names = forward_input_names(module, count)
+    wanted = shapes_by_name(names, input_shapes, owner="the model")
+    dtypes = input_dtypes_arg(input_dtypes)
+    if isinstance(dtypes, Mapping) and (unknown := sorted(set(dtypes) - {*names, "*"})):
+        raise InvalidArgumentError(
+            f"input_dtypes: no input named {', '.join(map(repr, unknown))} "
+            f"(the forward's inputs: {', '.join(names)})"
+        )
+    plan: list[tuple[str, tuple[int, ...] | None, np.dtype, Any]] = []
+    for i, name in enumerate(names):
+        example = examples[i] if i < len(examples) else None
+        asked = dtypes.get(name, dtypes.get("*")) if isinstance(dtypes, Mapping) else dtypes
+        if name not in wanted:
+            if example is None:
+                raise InvalidArgumentError(
+                    f"input_shapes: no shape for input '{name}' and the factory gives no "
+                    "example inputs; give a shape for every input"
+                )
+            plan.append((name, None, np.dtype("float32"), example))
+            continue
+        if asked is not None:
+            dtype = asked
+        elif isinstance(example, torch.Tensor):
+            dtype = to_numpy_dtype(example.dtype)
+        else:
+            dtype = np.dtype("float32")
+        plan.append((name, wanted[name], dtype, example))
     check_allocation(
-        f"input_shapes: {', '.join('x'.join(map(str, s)) for s in shapes)} (float32)",
-        sum(array_bytes(s, "float32") for s in shapes),
+        "input_shapes: "
+        + ", ".join(f"{'x'.join(map(str, s))} ({d.name})" for _, s, d, _ in plan if s),
+        sum(array_bytes(s, d) for _, s, d, _ in plan if s is not None),
     )
+    rng = np.random.default_rng(seed)
+    vocab = _vocabulary(module)
+    out = []
+    try:
+        for _, shape, dtype, example in plan:
+            if shape is None:
+                out.append(example)
+            elif dtype.kind in "iu":
+                top = None
+                if isinstance(example, torch.Tensor) and example.numel():
+                    top = int(example.max())
+                high = example_dtype_high(vocab, top)
+                out.append(from_numpy(rng.integers(0, high, size=shape).astype(dtype)))
+            elif dtype.kind == "b":
+                out.append(from_numpy(rng.integers(0, 2, size=shape).astype(bool)))
+            else:
+                out.append(from_numpy(rng.standard_normal(shape).astype(dtype)))
+    except MemoryError as exc:  # within the budget, yet the machine said no
+        raise ResourceLimitError(
+            f"input_shapes: cannot allocate the example inputs ({first_line(exc, 160)})"
+        ) from None
+    return tuple(out)
+
+
+def to_numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype (bfloat16 through ml_dtypes)."""
+    import torch
+
+    if dtype == torch.bfloat16:
+        return dtype_of("bfloat16")
+    return np.dtype(torch.empty((), dtype=dtype).numpy().dtype)
 
 
 # The reference models' module name: private, so it neither shadows nor is shadowed by a
@@ -246,11 +358,24 @@ def resolve_model(
     spec: str,
     *,
     weights: str | os.PathLike[str] | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_shapes: ShapeRequest | None = None,
+    input_dtypes: DtypeRequest | None = None,
+    need_inputs: bool = True,
 ) -> ResolvedModel:
-    """Turn MODEL into a module and example inputs (see the module docstring)."""
+    """Turn MODEL into a module and example inputs (see the module docstring).
+
+    ``input_shapes`` (and ``input_dtypes``) make new example inputs (:func:`example_inputs_for`).
+    With ``need_inputs=False`` a factory that returns only a module is fine (example inputs
+    ``()``: a graph's declared inputs will size the feeds); otherwise ModelSpecError.
+    """
     import torch
 
+    input_dtypes_arg(input_dtypes)  # bad names fail before the factory runs
+    if input_dtypes is not None and not input_shapes:
+        raise InvalidArgumentError(
+            "input_dtypes: only with input_shapes=SHAPE (the inputs it makes take it; an "
+            "example input's dtype is kept)"
+        )
     if _IMPORT_PATH.match(spec):
         module, inputs = _call_factory(spec)
         name, source = spec.partition(":")[2].split(".")[-1], spec
@@ -274,16 +399,13 @@ def resolve_model(
     if weights is not None:
         load_weights(module, weights)
     if input_shapes:
-        check_input_shapes_fit(input_shapes)
-        g = torch.Generator().manual_seed(0)
-        try:
-            inputs = tuple(torch.randn(tuple(s), generator=g) for s in input_shapes)
-        except (RuntimeError, MemoryError) as exc:  # over a budget raised by the user
-            raise ResourceLimitError(
-                f"input_shapes: cannot allocate the example inputs ({first_line(exc, 160)})"
-            ) from None
-    if inputs is None:
+        inputs = example_inputs_for(
+            module, input_shapes, examples=inputs, input_dtypes=input_dtypes
+        )
+    if inputs is None and need_inputs:
         raise ModelSpecError(
             f"MODEL '{spec}': factory gave no example inputs; give input_shapes=1x3x224x224 (the shape of each input)"
         )
-    return ResolvedModel(name=name, module=module, example_inputs=tuple(inputs), source=source)
+    return ResolvedModel(
+        name=name, module=module, example_inputs=tuple(inputs or ()), source=source
+    )

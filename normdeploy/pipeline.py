@@ -27,12 +27,12 @@ from normdeploy.arguments import (
     batch_sizes_arg,
     check_bool,
     check_str,
+    example_inputs_arg,
     optional_int,
     optional_path,
     optional_str,
     path_arg,
     providers_arg,
-    shapes_arg,
 )
 from normdeploy.census.patterns import (
     DECOMPOSED_LAYERNORM,
@@ -70,7 +70,8 @@ if TYPE_CHECKING:
 
     from normdeploy.exporting import ExportResult
     from normdeploy.folding import FoldResult
-    from normdeploy.verification.feeds import BatchAxis
+    from normdeploy.modelspec import ResolvedModel
+    from normdeploy.shapes import AxesRequest, BatchAxis, DtypeRequest, ShapeRequest
     from normdeploy.verification.results import VerifyResult
 
 STAGES = ("export", "fold-bn", "fuse-norms", "verify")
@@ -391,10 +392,10 @@ def _demote(markdown: str) -> str:
     )
 
 
-def _run_fold(exported: Path, merge: bool) -> FoldResult:
+def _run_fold(exported: Path, merge: bool, shapes: dict[str, tuple[int, ...]]) -> FoldResult:
     from normdeploy.folding import fold_bn
 
-    return fold_bn(exported, verify=True, merge=merge)
+    return fold_bn(exported, verify=True, merge=merge, input_shapes=shapes or None)
 
 
 # The census kind of each norm's decomposition.
@@ -404,15 +405,15 @@ _DECOMPOSED = {"LayerNorm": DECOMPOSED_LAYERNORM, "RMSNorm": DECOMPOSED_RMSNORM}
 _GONE_WITH_THE_DECOMPOSITION = ("decomposed-layernorm", "decomposed-rmsnorm", "fp16-norm")
 
 
-def _run_fuse(folded: FoldResult) -> FoldResult:
+def _run_fuse(folded: FoldResult, shapes: dict[str, tuple[int, ...]]) -> FoldResult:
     """fuse-norms on the folded graph, at its own opset, checked against it."""
     from normdeploy.folding import fuse_norms
 
-    return fuse_norms(folded.model, verify=True)
+    return fuse_norms(folded.model, verify=True, input_shapes=shapes or None)
 
 
 def _run_verify(
-    module: torch.nn.Module,
+    module: ResolvedModel,
     model_path: Path,
     providers: Sequence[str],
     batch_sizes: Sequence[int],
@@ -453,14 +454,21 @@ def _plan_deploy(out: Path, overwrite: bool, keep_failed: bool) -> OutputPlan:
 
 
 def _deploy_args(model: object, out_dir: object, options: dict[str, Any]) -> Path:
-    check_str(model, "model")
+    import torch
+
+    from normdeploy.shapes import input_shapes_arg
+
+    if not isinstance(model, torch.nn.Module):
+        check_str(model, "model")
+    example_inputs_arg(options["example_inputs"])
+    input_shapes_arg(options["input_shapes"])
+    optional_str(options["model_name"], "model_name")
     out = path_arg(out_dir, "out_dir")
     providers_arg(options["providers"])
     optional_int(options["opset"], "opset")
     optional_str(options["exporter"], "exporter")
     batch_sizes_arg(options["batch_sizes"])
     optional_path(options["weights"], "weights")
-    shapes_arg(options["input_shapes"])
     check_bool(options["overwrite"], "overwrite")
     check_bool(options["keep_failed"], "keep_failed")
     if options["progress"] is not None and not isinstance(options["progress"], Progress):
@@ -472,16 +480,23 @@ def _deploy_args(model: object, out_dir: object, options: dict[str, Any]) -> Pat
 
 
 def deploy(
-    model: str,
+    model: str | torch.nn.Module,
     out_dir: str | os.PathLike[str],
     *,
+    example_inputs: Sequence[Any] | Any | None = None,
     providers: Sequence[str] | str | None = None,
     opset: int | None = None,
     exporter: str | None = None,
     batch_sizes: Sequence[int] = (1, 3),
     weights: str | os.PathLike[str] | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_shapes: ShapeRequest | None = None,
+    input_dtypes: DtypeRequest | None = None,
     batch_axis: BatchAxis | None = None,
+    dynamic_batch: bool = True,
+    dynamic_axes: AxesRequest | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    model_name: str | None = None,
     overwrite: bool = False,
     progress: Progress | None = None,
     merge: bool = True,
@@ -489,15 +504,21 @@ def deploy(
 ) -> DeployResult:
     """Export MODEL, fold its BatchNorms, verify the result, and write model + reports to out_dir.
 
-    ``merge`` (the default) lets fold-bn merge summed parallel conv branches (RepVGG-style
-    blocks) into one Conv; ``merge=False`` keeps them.
+    ``model`` is a MODEL name/spec (resolved as :func:`normdeploy.modelspec.resolve_model`
+    does) or an ``nn.Module`` with ``example_inputs`` or ``input_shapes`` (and
+    ``input_dtypes``), as :func:`~normdeploy.exporting.export` takes them; ``model_name``
+    names it in the reports (default: the MODEL name, or the module's class). ``dynamic_axes``,
+    ``dynamic_batch``, ``batch_axis``, ``input_names`` and ``output_names`` go to the export;
+    fold-bn, fuse-norms and verify then feed the graph the example's sizes. ``merge`` (the
+    default) lets fold-bn merge summed parallel conv branches (RepVGG-style blocks) into one
+    Conv; ``merge=False`` keeps them.
 
     Stage failures are recorded in the result (and its reports), not raised, so callers can go on
-    with other models; bad input (a MODEL that cannot be resolved, its weights, ``out_dir``
-    itself, arguments) is raised before anything is written.
+    with other models; bad input (a MODEL that cannot be resolved, a module without example
+    inputs or shapes, its weights, ``out_dir`` itself, arguments) is raised before anything is
+    written.
     """
     from normdeploy.exporting import export
-    from normdeploy.modelspec import resolve_model
     from normdeploy.verification.feeds import validate_batch_sizes
     from normdeploy.verification.runners import resolve_providers
 
@@ -511,7 +532,7 @@ def deploy(
     choice = resolve_providers(providers)
     if out.is_dir():  # files that exist can only be there already: check them before any work
         _plan_deploy(out, overwrite, keep_failed)
-    resolved = resolve_model(model, weights=weights, input_shapes=input_shapes)
+    resolved = _resolve(model, example_inputs, weights, input_shapes, input_dtypes, model_name)
     _check_feeds_fit(resolved.example_inputs, batch_sizes)
     created = not out.exists()
     out.mkdir(exist_ok=True)
@@ -523,7 +544,12 @@ def deploy(
         with staging_dir(out) as tmp:
             result = _deploy_staged(
                 resolved, tmp, final, export, progress, choice.providers, batch_sizes,
-                {"opset": opset, "exporter": exporter, "batch_axis": batch_axis}, merge,
+                {
+                    "opset": opset, "exporter": exporter, "batch_axis": batch_axis,
+                    "dynamic_batch": dynamic_batch, "dynamic_axes": dynamic_axes,
+                    "input_names": input_names, "output_names": output_names,
+                },
+                merge,
             )  # fmt: skip
             result = _publish(result, plan, tmp, final, keep_failed)
     except BaseException:
@@ -532,6 +558,51 @@ def deploy(
                 out.rmdir()  # only if this run made it and nothing landed in it
         raise
     return result
+
+
+def _resolve(
+    model: str | torch.nn.Module,
+    example_inputs: Sequence[Any] | Any | None,
+    weights: str | os.PathLike[str] | None,
+    input_shapes: ShapeRequest | None,
+    input_dtypes: DtypeRequest | None,
+    model_name: str | None,
+) -> ResolvedModel:
+    """The module and example inputs to deploy: a MODEL resolved, or a module with its example
+    inputs (or inputs made from ``input_shapes``); InvalidArgumentError when neither is given."""
+    import torch
+
+    from normdeploy.modelspec import (
+        ResolvedModel,
+        example_inputs_for,
+        load_weights,
+        resolve_model,
+    )
+
+    if isinstance(model, str):
+        if example_inputs is not None:
+            raise InvalidArgumentError(
+                "example_inputs: a MODEL name brings its own; give input_shapes to change them"
+            )
+        resolved = resolve_model(
+            model, weights=weights, input_shapes=input_shapes, input_dtypes=input_dtypes
+        )
+        return dataclasses.replace(resolved, name=model_name or resolved.name)
+    assert isinstance(model, torch.nn.Module)
+    examples = example_inputs_arg(example_inputs)
+    if examples is None and input_shapes is None:
+        raise InvalidArgumentError(
+            f"example_inputs: deploy() of a module ({type(model).__name__}) needs its example "
+            "inputs (example_inputs=(x,)) or their shapes (input_shapes=[(1, 3, 224, 224)])"
+        )
+    if weights is not None:
+        load_weights(model, weights)
+    if input_shapes is not None:
+        examples = example_inputs_for(
+            model, input_shapes, examples=examples, input_dtypes=input_dtypes
+        )
+    name = model_name or type(model).__name__
+    return ResolvedModel(name, model, tuple(examples or ()), f"{name} (nn.Module)")
 
 
 def _deploy_staged(
@@ -574,12 +645,15 @@ def _deploy_staged(
             )
         stage = "fold-bn"
         try:
+            # The graph's symbolic non-batch dims at the example's sizes (a dynamic H/W must
+            # not fall back to a size the model cannot take).
+            shapes = exported.example_shapes if _has_dynamic_dims(exported) else {}
             with progress.stage(model_name, "fold-bn", timings):
-                state["fold"] = last = _run_fold(exported.written, merge)
+                state["fold"] = last = _run_fold(exported.written, merge, shapes)
             if set(_DECOMPOSED.values()) & set(exported.census.op_counts):
                 stage = "fuse-norms"
                 with progress.stage(model_name, "fuse-norms", timings):
-                    state["fuse"] = last = _run_fuse(last)
+                    state["fuse"] = last = _run_fuse(last, shapes)
         except VerificationFailed as exc:
             if exc.result is not None:  # the failing rewritten graph, for keep_failed
                 failing = exc.result.model  # type: ignore[attr-defined]
@@ -589,7 +663,7 @@ def _deploy_staged(
         stage = "verify"
         with progress.stage(model_name, "verify", timings):
             state["verification"] = _run_verify(
-                resolved.module, staged, list(providers), batch_sizes,
+                resolved, staged, list(providers), batch_sizes,
                 export_options.get("batch_axis"),
             )  # fmt: skip
         return DeployResult(model_name, out, timings=timings, **state)
@@ -597,6 +671,11 @@ def _deploy_staged(
         return DeployResult(
             model_name, out, timings=timings, failed_stage=stage, error=str(exc), **state
         )
+
+
+def _has_dynamic_dims(exported: ExportResult) -> bool:
+    """Whether the export made an axis other than the batch symbolic."""
+    return any(not d.startswith("batch ") for d in exported.dynamic_axes)
 
 
 def _names_outside_staging(result: DeployResult, final: Path) -> DeployResult:

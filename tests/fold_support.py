@@ -187,3 +187,23 @@ class PlantsOneBadWeight(_CorruptsFoldedWeight):
     def corrupt(self, weight: np.ndarray) -> np.ndarray:
         weight.reshape(-1)[0] += 0.5
         return weight
+
+
+# ----------------------------------------------------------------------------- symbolic dims
+
+
+def multiple_of_model(step: int = 32) -> onnx.ModelProto:
+    """Conv → BN, plus its step×step average broadcast back by a nearest Resize: as PaddleOCR's
+    detector (step 32), it runs only where H and W are multiples of ``step`` (``[N, 3, H, W]``
+    declared)."""
+    text = f"""G (float[N,3,H,W] X) => (float[N,8,H,W] Y) {{
+        A = Conv <pads=[1,1,1,1]> (X, W)
+        B = BatchNormalization (A, g, b, m, v)
+        P = AveragePool <kernel_shape=[{step},{step}], strides=[{step},{step}]> (B)
+        U = Resize <mode="nearest"> (P, roi, scales)
+        Y = Add (B, U)
+    }}"""
+    return parse(text, {
+        "W": w(8, 3, 3, 3), **bn_params(8), "roi": np.zeros(0, np.float32),
+        "scales": np.array([1, 1, step, step], np.float32),
+    })  # fmt: skip

@@ -17,7 +17,14 @@ the same builders serve the library tests, the CLI tests (``tests.replicas:dense
   similarity matrix;
 - ``seq_first_transformer``: ``nn.TransformerEncoder`` with ``batch_first=False`` (axis 0 is
   the sequence);
-- ``token_dict_model``: int64 tokens in, a dict of outputs out.
+- ``token_dict_model``: int64 tokens in, a dict of outputs out;
+- ``bert_like``: BERT's interface (``input_ids`` and ``attention_mask``, int64, whose
+  sequence length varies with the input; learned positions sliced to it; a masked attention
+  layer) and a dict of outputs, for exports with a dynamic batch and sequence;
+- ``fcn_like``: a fully-convolutional segmenter (strided Conv+BN encoder, upsampling decoder
+  with a skip connection: H and W must be multiples of 4), for exports with a dynamic H/W;
+- ``cnn_module_only``: a module without example inputs, as torchvision/timm constructors
+  return one.
 """
 
 from __future__ import annotations
@@ -372,6 +379,79 @@ class TokenDictModel(nn.Module):
 def token_dict_model(seed: int = 0):
     _seeded(seed)
     return TokenDictModel().eval(), (torch.randint(0, 4, (1, 6)),)
+
+
+class BertLike(nn.Module):
+    """Token + learned position embeddings (sliced to the sequence), LayerNorm, one attention
+    layer whose padded keys the mask hides, a pooled classifier and a token head."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, max_len: int = 64) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.position = nn.Parameter(0.1 * torch.randn(1, max_len, dim))
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.classifier = nn.Linear(dim, 3)
+        self.token_head = nn.Linear(dim, 5)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        h = self.norm(self.embed(input_ids) + self.position[:, : input_ids.shape[1]])
+        q, k, v = self.qkv(h).chunk(3, dim=-1)
+        scores = q @ k.transpose(1, 2) / 4.0
+        scores = scores.masked_fill(attention_mask[:, None, :] == 0, -1e4)
+        h = self.norm2(h + self.out(scores.softmax(-1) @ v))
+        weights = attention_mask.unsqueeze(-1).to(h.dtype)
+        pooled = (h * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        return {"logits": self.classifier(pooled), "token_logits": self.token_head(h)}
+
+
+def bert_like(seed: int = 0):
+    """BertLike and (input_ids, attention_mask) of batch 2, length 6, the second one padded."""
+    _seeded(seed)
+    ids = torch.randint(0, 32, (2, 6))
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    return BertLike().eval(), (ids, mask)
+
+
+class FcnLike(nn.Module):
+    """Encoder: two strided Conv+BN+ReLU (1/4 resolution); decoder: 4× nearest upsampling
+    added to a full-resolution Conv+BN skip branch, then a 1×1 classifier."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.skip = nn.Sequential(conv_bn(3, 8, 3), nn.ReLU())
+        self.encoder = nn.Sequential(
+            conv_bn(3, 8, 3, 2), nn.ReLU(), conv_bn(8, 8, 3, 2), nn.ReLU()
+        )
+        self.up = nn.Upsample(scale_factor=4, mode="nearest")
+        self.head = nn.Conv2d(8, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.skip(x) + self.up(self.encoder(x)))
+
+
+def fcn_like(seed: int = 0):
+    _seeded(seed)
+    model = FcnLike()
+    x = torch.randn(1, 3, 64, 64)
+    calibrate_bn(model, (x,))
+    return model, (x,)
+
+
+def cnn_module_only(seed: int = 0) -> nn.Module:
+    """A classifier without example inputs (any H, W): what torchvision/timm constructors
+    hand over."""
+    _seeded(seed)
+    model = nn.Sequential(
+        conv_bn(3, 8, 3, 2), nn.ReLU(), conv_bn(8, 16, 3, 2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )  # fmt: skip
+    calibrate_bn(model, (torch.randn(1, 3, 32, 32),))
+    return model
 
 
 # ---------------------------------------------------------------------------- faults

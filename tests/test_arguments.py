@@ -135,7 +135,8 @@ WRONG: list[tuple[str, Callable[[Path], object], str]] = [
     ),
     ("fold_bn_module-inputs-int", lambda d: normdeploy.fold_bn_module(M, 5), "example_inputs"),
     ("deploy-model-None", lambda d: normdeploy.deploy(None, d / "out"), "model"),
-    ("deploy-model-module", lambda d: normdeploy.deploy(M, d / "out"), "model"),
+    # A module is a MODEL too, but it needs its example inputs (or their shapes).
+    ("deploy-module-no-inputs", lambda d: normdeploy.deploy(M, d / "out"), "example_inputs"),
     ("deploy-out_dir-None", lambda d: normdeploy.deploy("conv_bn_relu", None), "out_dir"),
     (
         "deploy-batch_sizes-int",

@@ -100,6 +100,20 @@ def diverges():
     torch.manual_seed(0)
     return Diverges().eval(), torch.zeros(1, 3, 8, 8)
 
+class FixedLength(nn.Module):
+    \"\"\"Learned positions of a fixed length 6: no other sequence length works.\"\"\"
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.position = nn.Parameter(torch.zeros(1, 6, 8))
+
+    def forward(self, ids):
+        return self.embed(ids) + self.position
+
+def fixed_length():
+    return FixedLength().eval(), torch.zeros(2, 6, dtype=torch.long)
+
 def bf16():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().to(torch.bfloat16)
@@ -566,6 +580,32 @@ BOMBS_CASES = [
     Case("env-max-memory-not-a-size", ["verify", "{d}/in.onnx", "{d}/in.onnx"], 2, r"NORMDEPLOY_MAX_MEMORY: 'abc' is not a size", ONNX_IN, patch=_budget("abc")),
 ]  # fmt: skip
 
+
+def _runs_at_no_size_tried(d: Path) -> None:
+    """[N, 3, H, W] that runs only at multiples of 100: none of the sizes probed."""
+    from fold_support import multiple_of_model
+
+    onnx.save_model(multiple_of_model(100), str(d / "in.onnx"))
+
+
+SHAPES_CASES = [
+    Case("input-shape-unknown-name", ["verify", "userzoo_bad:net", "{d}/in.onnx", "--input-shape", "nope=1x3x8x8"], 2, r"--input-shape: no input named 'nope' \(graph inputs: x\)", _both(ONNX_IN, _user_pkg)),
+    Case("input-shape-mixed", ["verify", "{d}/in.onnx", "{d}/in.onnx", "--input-shape", "1x3x8x8", "--input-shape", "x=1x3x8x8"], 2, r"--input-shape: give SHAPE for every input in order, or NAME=SHAPE for each, not both", ONNX_IN),
+    Case("fold-input-shape-conflict", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx", "--input-shape", "1x3x16x16"], 2, r"--input-shape: 1x3x16x16 does not fit the graph: input 'x' dim 2 is fixed at 8", ONNX_IN, ["o.onnx"]),
+    Case("inspect-input-shape-rank", ["inspect", "{d}/in.onnx", "--input-shape", "1x3x8"], 2, r"--input-shape: 1x3x8 has rank 3, the graph's input 'x' has rank 4", ONNX_IN),
+    Case("symbolic-dims-run-at-no-size", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"in\.onnx: onnxruntime cannot run it at any size tried for its symbolic dim\(s\) H, W \(X\[N, 3, H=8, W=8\]; .*X\[N, 3, H=640, W=640\]; last error: .*\); give the sizes it takes, e\.g\. --input-shape 1x3x640x640; fold-bn cannot check", _runs_at_no_size_tried, ["o.onnx"]),
+    Case("fold-inputs-missing-name", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx", "--inputs", "{d}/feed.npz"], 2, r"feed\.npz: missing input\(s\) x", _npz({"other": np.zeros((1, 3, 8, 8), np.float32)}), ["o.onnx"]),
+    Case("fold-inputs-no-verify", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx", "--inputs", "{d}/feed.npz", "--no-verify"], 2, r"--inputs: --no-verify runs no check to feed them", _npz({"x": np.zeros((1, 3, 8, 8), np.float32)}), ["o.onnx"]),
+    Case("dynamic-axes-not-axes", ["export", "conv_bn_relu", "--dynamic-axes", "0,x", "-o", "{d}/o.onnx"], 2, r"--dynamic-axes: '0,x' is not a comma-separated list of axis indices", outputs=["o.onnx"]),
+    Case("dynamic-axes-unknown-input", ["export", "conv_bn_relu", "--dynamic-axes", "y=0,2", "-o", "{d}/o.onnx"], 2, r"--dynamic-axes: no input named 'y' \(inputs: input\)", outputs=["o.onnx"]),
+    Case("dynamic-axis-fixed-by-model", ["export", "userzoo_bad:fixed_length", "--dynamic-axes", "0,1", "-o", "{d}/o.onnx"], 2, r"--dynamic-axes: fixed_length fixes axis 1 of input 'ids' \(sequence\) at 6", _user_pkg, ["o.onnx"]),
+    Case("dynamic-axis-rejected", ["export", "userzoo_bad:fixed_length", "--dynamic-axes", "0,1", "--exporter", "torchscript", "-o", "{d}/o.onnx"], 2, r"--dynamic-axes: fixed_length rejects sequence=8 \(axis 1 of input 'ids', 6 in the example\)", _user_pkg, ["o.onnx"]),
+    Case("input-dtype-unknown", ["export", "conv_bn_relu", "--input-shape", "1x3x8x8", "--input-dtype", "float7", "-o", "{d}/o.onnx"], 2, r"--input-dtype: 'float7' is not one of float32, ", outputs=["o.onnx"]),
+    Case("input-dtype-without-shape", ["export", "conv_bn_relu", "--input-dtype", "int64", "-o", "{d}/o.onnx"], 2, r"--input-dtype: only with --input-shape SHAPE", outputs=["o.onnx"]),
+    Case("input-names-count", ["export", "conv_bn_relu", "--input-names", "a,b", "-o", "{d}/o.onnx"], 2, r"--input-names: 2 name\(s\) for 1 input\(s\) \(input\)", outputs=["o.onnx"]),
+    Case("output-name-is-input", ["export", "conv_bn_relu", "--output-names", "input", "-o", "{d}/o.onnx"], 2, r"--output-names: 'input' is also an input name", outputs=["o.onnx"]),
+]  # fmt: skip
+
 TRACEBACK_CASES = [
     Case("external-data-dotdot", ["inspect", "{d}/m/in.onnx"], 2, r"external data '\.\./outside\.bin' of tensor 'w' points outside the model's folder", _external_location("../outside.bin")),
     Case("external-data-absolute", ["inspect", "{d}/m/in.onnx"], 2, r"external data '/etc/passwd' of tensor 'w' points outside the model's folder", _external_location("/etc/passwd")),
@@ -576,7 +616,7 @@ TRACEBACK_CASES = [
     Case("ort-cannot-load-rank3-bn", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"onnxruntime cannot load it: .*expected to have rank 1 but has rank 3", _save("in.onnx", _graph_variant("rank3")), ["o.onnx"]),
     Case("ort-cannot-load-0d-bn", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"onnxruntime cannot load it: .*rank", _save("in.onnx", _graph_variant("rank0")), ["o.onnx"]),
     Case("ort-cannot-load-custom-op", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"onnxruntime cannot load it: .*custom\.ops", _save("in.onnx", _graph_variant("custom-domain")), ["o.onnx"]),
-    Case("ort-cannot-run-graph", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"in\.onnx: onnxruntime cannot run it: .*Reshape", _save("in.onnx", _graph_variant("bad-reshape")), ["o.onnx"]),
+    Case("ort-cannot-run-graph", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"in\.onnx: onnxruntime cannot run it on x\[2, 3, 8, 8\]: .*Reshape", _save("in.onnx", _graph_variant("bad-reshape")), ["o.onnx"]),
     Case("ort-cannot-run-float64", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"onnxruntime cannot load it: .*Could not find an implementation for Conv", _save("in.onnx", _graph_variant("float64")), ["o.onnx"]),
     Case("ort-cannot-run-bfloat16", ["fold-bn", "{d}/in.onnx", "-o", "{d}/o.onnx"], 2, r"onnxruntime cannot load it: .*bfloat16", _save("in.onnx", _graph_variant("bfloat16")), ["o.onnx"]),
     Case("bfloat16-module", ["export", "userzoo_bad:bf16", "-o", "{d}/o.onnx"], 1, r"FAIL: onnxruntime failed: .*bfloat16.*; .*o\.onnx not written", _user_pkg, ["o.onnx"]),
@@ -599,6 +639,7 @@ GROUPS = [
     ("output", "Outputs", "The named output: its directory, an existing file, the input itself, a failed write, Ctrl-C."),
     ("files", "Files besides the named output", "Every file a command will write (model, its `.data`, reports, a kept failing graph) is planned before any work and checked against every input and its external data (by device and inode: symlinks and hard links count), existing files (`--force`), special files (refused even with `--force`), each other, and the file system's name limit."),
     ("success", "A verdict or an output only when the work succeeded", "A failing graph is written only with `--keep-failed`, as `NAME.failed.onnx` (exit 1). A MODEL's code that exits or raises a `BaseException` is a user-code error. A MODEL that cannot be resolved writes nothing, in `deploy` as in `export`."),
+    ("shapes", "Input shapes, dynamic axes, dtypes and names", "Every command takes `--input-shape` (SHAPE for every input in order, or NAME=SHAPE) and checks it against the graph's declared inputs before any work; a graph whose symbolic dims run at none of the sizes tried says which it tried. `export` checks `--dynamic-axes`, `--input-dtype` and the names it is given, and a model that fixes or rejects a size its dynamic axes allow is bad input (the axis is named), not a failed check."),
     ("bombs", "Resource bombs", "The arrays normdeploy allocates (inputs, example inputs, `.npz` members, exposed values) are sized from shapes before allocation; over the budget (half the available memory, or `--max-memory` / `NORMDEPLOY_MAX_MEMORY`) it is a one-line bad input. The rows run with `NORMDEPLOY_MAX_MEMORY=4G` so the line is the same on every machine."),
     ("traceback", "No traceback on any input", "External data that leaves the model's folder, offsets that are not non-negative integers, graphs that pass `onnx.checker` but onnxruntime cannot load (fold-bn's self-check names the input), state dicts with values that are not dense tensors, feeds files that are not `.npz` archives of arrays, and a bfloat16 module (the real cause: onnxruntime has no bfloat16 Conv)."),
 ]  # fmt: skip

@@ -63,6 +63,13 @@ def test_cli_py_runs_as_a_script():
             "give --input-shape 1x3x224x224 (the shape)",
         ),
         ("export with dynamic_batch=False or another", "export with --static or another"),
+        ("static, e.g. dynamic_axes=ids=0,2", "static, e.g. --dynamic-axes ids=0,2"),
+        ("exporter='torchscript' exports it", "--exporter torchscript exports it"),
+        (
+            "input_dtypes: only with input_shapes=SHAPE",
+            "--input-dtype: only with --input-shape SHAPE",
+        ),
+        ("output_names: 1 name(s)", "--output-names: 1 name(s)"),
         ("exporter: 'tf' is not one of", "--exporter: 'tf' is not one of"),
         ("in.onnx: opset 7 is older", "in.onnx: opset 7 is older"),  # prose stays prose
         ("the model's seeds differ: batch_sizes", "the model's seeds differ: batch_sizes"),

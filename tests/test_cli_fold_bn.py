@@ -1,17 +1,23 @@
 """`normdeploy fold-bn`: exit codes, --report (on success and, from the error's result, on a
-failed check), --format json, --force."""
+failed check), --format json, --force; the check's inputs (symbolic dims sized where the input
+runs, --input-shape, --inputs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+import numpy as np
 import onnx
 import pytest
 from fold_support import (
+    ATOL32,
+    RNG,
+    RTOL32,
     FoldsOnePercentOff,
     conv_bn_file,
     conv_bn_model,
+    multiple_of_model,
     ops,
     repvgg_block_model,
 )
@@ -22,6 +28,7 @@ from normdeploy.cli._options import run_reported
 from normdeploy.errors import VerificationFailed
 from normdeploy.folding import FoldResult, run_pass, run_pass_on_file
 from normdeploy.io import sha256_file
+from normdeploy.verification.runners import OrtRunner
 
 
 def test_cli_fold_bn(tmp_path, capsys) -> None:
@@ -100,10 +107,13 @@ def wrong_fold(monkeypatch):
         seed=0,
         merge=True,
         keep_failed=False,
+        input_shapes=None,
+        inputs=None,
     ):
         return run_pass_on_file(
             FoldsOnePercentOff(), input_path, output_path,
             overwrite=overwrite, verify=verify, seed=seed, keep_failed=keep_failed,
+            input_shapes=input_shapes, inputs=inputs,
         )  # fmt: skip
 
     monkeypatch.setattr(normdeploy.folding, "fold_bn_file", fold_wrongly)
@@ -172,3 +182,42 @@ def test_run_reported_without_a_result_writes_no_report(tmp_path) -> None:
     assert not report.exists()
     assert run_reported(argparse.Namespace(report=str(report)), lambda: 42) == 42
     assert not report.exists()  # a success is reported by the command's output step
+
+
+def test_symbolic_dims_are_sized_where_the_original_runs(tmp_path, capsys) -> None:
+    # [N, 3, H, W] that runs only at multiples of 32 (PaddleOCR's detector): 8 does not run.
+    src, out = tmp_path / "det.onnx", tmp_path / "det_folded.onnx"
+    model = multiple_of_model(32)
+    onnx.save(model, src)
+    assert main(["fold-bn", str(src), "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "1 of 1 BatchNormalization folded" in text
+    assert (
+        f"note: symbolic dim(s) H=32, W=32 chosen: {src} runs at X[N, 3, H=32, W=32] "
+        "(not at X[N, 3, H=8, W=8])"
+    ) in text
+    assert "verification: PASS" in text and "X[2, 3, 32, 32]" in text
+    folded = onnx.load(out)
+    assert ops(folded)["BatchNormalization"] == 0
+    # The folded graph against the unfolded one at a size no check used.
+    x = RNG.standard_normal((2, 3, 64, 96)).astype(np.float32)
+    want = OrtRunner(model).infer({"X": x})["Y"]
+    np.testing.assert_allclose(
+        OrtRunner(folded).infer({"X": x})["Y"], want, rtol=RTOL32, atol=ATOL32
+    )
+    # --input-shape sizes the dims instead: nothing is probed, the check runs at that shape.
+    argv = ["fold-bn", str(src), "-o", str(out), "-f", "--input-shape", "1x3x64x96"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "chosen" not in text and "1 check(s) on X[1, 3, 64, 96]" in text
+
+
+def test_fold_bn_runs_the_users_feeds_as_well(tmp_path, capsys) -> None:
+    src, out, feeds = tmp_path / "in.onnx", tmp_path / "out.onnx", tmp_path / "feeds.npz"
+    conv_bn_file(src)
+    np.savez(feeds, X=RNG.standard_normal((5, 3, 8, 8)).astype(np.float32))
+    argv = ["fold-bn", str(src), "-o", str(out), "--inputs", str(feeds), "--format", "json"]
+    assert main(argv) == 0
+    checks = json.loads(capsys.readouterr().out)["verification"]
+    assert {c["name"] for c in checks} == {"Y@b2", "Y@feeds.npz"}
+    assert {c["input_shapes"] for c in checks} == {"X[2, 3, 8, 8]", "X[5, 3, 8, 8]"}

@@ -70,11 +70,11 @@ def test_references_that_couple_samples_skip_batch_independence_with_a_note(
     assert "nan" not in json.dumps(data["checks"]).lower()
 
 
-def test_int64_tokens_with_dict_outputs_check_every_output(replica_deploys):
+def test_int64_tokens_with_dict_outputs_check_every_output_by_its_key(replica_deploys):
     data = report(replica_deploys["token_dict_model"][1])["verify"]
     by_kind = {(c["kind"], c["name"]) for c in data["checks"]}
-    assert {(REFERENCE, "linear_4"), (REFERENCE, "mean")} <= by_kind
-    assert {(BATCH_INDEPENDENCE, "linear_4"), (BATCH_INDEPENDENCE, "mean")} <= by_kind
+    assert {(REFERENCE, "logits"), (REFERENCE, "pooled")} <= by_kind
+    assert {(BATCH_INDEPENDENCE, "logits"), (BATCH_INDEPENDENCE, "pooled")} <= by_kind
 
 
 def test_an_input_shape_the_graph_cannot_take_is_exit_2(replica_deploys, capsys):
@@ -129,11 +129,11 @@ def test_per_output_atol_gives_that_output_a_fixed_bound(replica_deploys, tmp_pa
     graph = replica_deploys["token_dict_model"][1] / "model.onnx"
     out = tmp_path / "r.json"
     argv = ["verify", "tests.replicas:token_dict_model", str(graph), "--report", str(out)]
-    assert main([*argv, "--atol", "mean=0", "--rtol", "mean=0", "--no-bisect"]) == 1
+    assert main([*argv, "--atol", "pooled=0", "--rtol", "pooled=0", "--no-bisect"]) == 1
     checks = json.loads(out.read_text())["checks"]
     rules = {(c["kind"], c["name"]): (c["rule"], c["passed"]) for c in checks}
-    assert rules[(REFERENCE, "mean")] == ("fixed", False)  # float32 rounding is not 0
-    assert rules[(REFERENCE, "linear_4")] == ("float64", True)
+    assert rules[(REFERENCE, "pooled")] == ("fixed", False)  # float32 rounding is not 0
+    assert rules[(REFERENCE, "logits")] == ("float64", True)
 
 
 def test_saved_run_layout_is_documented(replica_deploys, tmp_path):
@@ -148,7 +148,7 @@ def test_saved_run_layout_is_documented(replica_deploys, tmp_path):
         meta = json.loads(str(data["meta"]))
         keys = set(data.files)
     assert meta["format"] == "normdeploy-run" and meta["inputs"] == ["tokens"]
-    assert meta["outputs"] == ["linear_4", "mean"] and meta["truth"] is True
+    assert meta["outputs"] == ["logits", "pooled"] and meta["truth"] is True
     assert [s["label"] for s in meta["sets"]] == ["b1/seed0", "b3/seed0"]
     assert {"set0/input0", "set0/expected1", "set1/truth0"} <= keys
     assert data_dtype(run, "set1/truth0") == np.float64

@@ -28,6 +28,7 @@ from normdeploy.exporting import (
     export,
     export_model,
 )
+from tests import replicas
 
 # fp32: PyTorch and onnxruntime use different conv/gemm kernels and summation orders; the
 # reference models are shallow, so 1e-4 absolute + relative leaves ~10x headroom over the
@@ -362,3 +363,185 @@ def test_a_failed_export_check_writes_no_graph_unless_kept(tmp_path, keep_failed
             want = module(torch.from_numpy(x)).numpy()
         # fp32 3x3x3 conv: ~1e-6 between kernels; 1e-4 is the documented fp32 default
         np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------- dynamic axes, names
+
+
+def graph_dims(path) -> dict[str, list]:
+    """Input and output name → declared dims (names for symbolic dims)."""
+    graph = onnx.load(path).graph
+    return {
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in (*graph.input, *graph.output)
+    }
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_token_model_exports_with_a_dynamic_batch_and_sequence(exporter, tmp_path):
+    model, (ids, mask) = replicas.bert_like()
+    out = tmp_path / "bert.onnx"
+    result = export(model, (ids, mask), out, exporter=exporter, dynamic_axes=(0, 1))
+    assert result.passed, result.to_text()
+    # ids and mask share one batch and one sequence dim; output axes follow from the graph.
+    dims = graph_dims(out)
+    assert dims["input_ids"] == dims["attention_mask"] == ["batch", "sequence"]
+    assert dims["logits"] == ["batch", 3] and dims["token_logits"][0] == "batch"
+    # dynamo derives the output's length from the input's; TorchScript names it itself.
+    length = dims["token_logits"][1]
+    assert length == "sequence" if exporter == "dynamo" else isinstance(length, str)
+    assert result.dynamic_axes == (
+        "batch (input_ids:0, attention_mask:0)", "sequence (input_ids:1, attention_mask:1)",
+    )  # fmt: skip
+    # The example's sizes at batch 1 and 3, and the sequence at another length.
+    assert [c.label for c in result.batch_checks] == [
+        "b1/seed0", "b3/seed0", "b1/seed0 sequence=8",
+    ]  # fmt: skip
+    assert "1, sequence=8" in result.to_text()
+    # The written file at a batch and length no check used, against PyTorch eval.
+    g = torch.Generator().manual_seed(5)
+    ids2 = torch.randint(0, 32, (2, 11), generator=g)
+    mask2 = (torch.arange(11) < torch.tensor([[11], [7]])).long()
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits", "token_logits"], {"input_ids": ids2.numpy(),
+                                                "attention_mask": mask2.numpy()})  # fmt: skip
+    with torch.no_grad():
+        want = model(ids2, mask2)
+    for name, value in zip(["logits", "token_logits"], got, strict=True):
+        # fp32, 16-wide layers: ~1e-6 between kernels; a graph fixed at length 6 fails to run
+        np.testing.assert_allclose(value, want[name].numpy(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_a_cnn_exports_with_a_dynamic_height_and_width(exporter, tmp_path):
+    model, (x,) = replicas.fcn_like()
+    out = tmp_path / "fcn.onnx"
+    result = export(model, (x,), out, exporter=exporter, dynamic_axes="0,2,3")
+    assert result.passed, result.to_text()
+    assert graph_dims(out)["x"] == ["batch", 3, "height", "width"]
+    # 64 is a multiple of 32: each of H and W is checked at the next one, 96.
+    assert [c.label for c in result.batch_checks][2:] == [
+        "b1/seed0 height=96", "b1/seed0 width=96",
+    ]  # fmt: skip
+    assert {c.input_shapes for c in result.batch_checks[2].checks} == {"x[1, 3, 96, 64]"}
+    x2 = torch.randn(2, 3, 128, 160, generator=torch.Generator().manual_seed(2))
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {"x": x2.numpy()})
+    with torch.no_grad():
+        want = model(x2).numpy()
+    np.testing.assert_allclose(got, want, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_dict_outputs_are_named_by_their_keys_and_names_can_be_given(exporter, tmp_path):
+    model, (tokens,) = replicas.token_dict_model()
+    export(model, (tokens,), tmp_path / "a.onnx", exporter=exporter)
+    graph = onnx.load(tmp_path / "a.onnx").graph
+    assert [o.name for o in graph.output] == ["logits", "pooled"]
+    assert [i.name for i in graph.input] == ["tokens"]
+    result = export(
+        model, (tokens,), tmp_path / "b.onnx", exporter=exporter, input_names=["ids"],
+        output_names=["scores", "summary"],
+    )  # fmt: skip
+    assert result.passed
+    graph = onnx.load(tmp_path / "b.onnx").graph
+    assert [i.name for i in graph.input] == ["ids"]
+    assert [o.name for o in graph.output] == ["scores", "summary"]
+    with pytest.raises(InvalidArgumentError, match=r"^output_names: 1 name\(s\) for 2 output"):
+        export(model, (tokens,), tmp_path / "c.onnx", output_names=["scores"])
+    assert not (tmp_path / "c.onnx").exists()
+
+
+class FixedLength(nn.Module):
+    """Learned positions of a fixed length added to the embeddings: only length 6 works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.position = nn.Parameter(torch.randn(1, 6, 8))
+        self.norm = nn.LayerNorm(8)
+
+    def forward(self, ids):
+        return self.norm(self.embed(ids) + self.position)
+
+
+@pytest.mark.parametrize(
+    ("exporter", "message"),
+    [
+        # torch.export specializes the length: the graph comes out static.
+        ("dynamo", r"fixes axis 1 of input 'ids' \(sequence\) at 6"),
+        # TorchScript writes a dynamic length: the model fails at the check's other length.
+        ("torchscript", r"rejects sequence=8 \(axis 1 of input 'ids', 6 in the example\)"),
+    ],
+)
+def test_a_model_that_rejects_another_size_of_a_dynamic_axis_is_one_line(
+    exporter, message, tmp_path
+):
+    with pytest.raises(InvalidArgumentError, match=rf"^dynamic_axes: FixedLength {message}"):
+        export(FixedLength().eval(), torch.zeros(2, 6, dtype=torch.long), tmp_path / "f.onnx",
+               exporter=exporter, dynamic_axes=(0, 1))  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+    # The batch alone is fine.
+    export(FixedLength().eval(), torch.zeros(2, 6, dtype=torch.long), tmp_path / "f.onnx",
+           exporter=exporter)  # fmt: skip
+
+
+class DataDependentBranch(nn.Module):
+    """A Python branch on a tensor's value: torch.export cannot trace it, TorchScript's tracer
+    records the branch taken (the same for every input with a non-zero entry)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.abs().sum() > 0:
+            return self.fc(x)
+        return x
+
+
+def test_an_exporter_failure_suggests_what_exports_the_model(tmp_path):
+    with pytest.raises(ExportError) as info:
+        export(DataDependentBranch().eval(), torch.randn(2, 4), tmp_path / "d.onnx")
+    assert str(info.value).endswith("exporter='torchscript' exports it")
+    assert "dynamic_batch=False" not in str(info.value)  # static fails the same way
+    result = export(DataDependentBranch().eval(), torch.randn(2, 4), tmp_path / "d.onnx",
+                    exporter="torchscript")  # fmt: skip
+    assert result.passed
+
+
+def test_a_new_input_shape_keeps_the_examples_integer_dtype(tmp_path):
+    # The factory's example is int64 tokens: a longer shape stays int64, with valid ids.
+    result = export_model(
+        "tests.replicas:token_dict_model", tmp_path / "t.onnx", input_shapes=[(2, 24)]
+    )
+    assert result.passed, result.to_text()
+    (tokens,) = onnx.load(tmp_path / "t.onnx").graph.input
+    assert tokens.type.tensor_type.elem_type == onnx.TensorProto.INT64
+    assert result.example_shapes == {"tokens": (2, 24)}
+
+
+def test_input_dtype_makes_inputs_where_there_is_no_example(user_zoo, tmp_path):
+    # A factory that returns only a module: --input-shape with --input-dtype int64 (by the
+    # forward's parameter name: nn.Sequential's is 'input').
+    result = export_model(
+        "zoo_tokens:embedder", tmp_path / "e.onnx", input_shapes={"input": (2, 5)},
+        input_dtypes="int64",
+    )  # fmt: skip
+    assert result.passed, result.to_text()
+    assert onnx.load(tmp_path / "e.onnx").graph.input[0].type.tensor_type.elem_type == (
+        onnx.TensorProto.INT64
+    )
+    with pytest.raises(InvalidArgumentError, match=r"^input_dtypes: 'float7' is not one of"):
+        export_model("zoo_tokens:embedder", tmp_path / "f.onnx", input_shapes=[(2, 5)],
+                     input_dtypes="float7")  # fmt: skip
+
+
+@pytest.fixture
+def user_zoo(tmp_path, monkeypatch):
+    (tmp_path / "zoo_tokens.py").write_text(
+        "from torch import nn\n\n"
+        "def embedder():\n"
+        "    return nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8)).eval()\n"
+    )
+    monkeypatch.chdir(tmp_path)

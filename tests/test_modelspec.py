@@ -14,9 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from normdeploy.errors import InvalidArgumentError, ModelSpecError, WeightsError
+from normdeploy.errors import ModelSpecError, WeightsError
 from normdeploy.modelspec import (
-    parse_shape,
     reference_models_dir,
     reference_registry,
     resolve_model,
@@ -117,13 +116,6 @@ def test_pickled_objects_are_refused(user_pkg, tmp_path, capsys):
     with pytest.raises(WeightsError, match=r"refused|cannot load"):
         resolve_model("userzoo:net_with_inputs", weights=evil)
     assert "pwned" not in capsys.readouterr().out
-
-
-def test_parse_shape():
-    assert parse_shape("1x3x224x224") == (1, 3, 224, 224)
-    for bad in ("1xax3", "0x3", ""):
-        with pytest.raises(InvalidArgumentError):
-            parse_shape(bad)
 
 
 ROOT = Path(__file__).resolve().parents[1]

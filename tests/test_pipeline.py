@@ -305,3 +305,34 @@ def test_a_passing_deploy_names_its_model_file(tmp_path):
     assert sorted(p.name for p in (tmp_path / "ok").iterdir()) == [
         "model.onnx", "report.json", "report.md",
     ]  # fmt: skip
+
+
+def test_deploy_takes_a_module_and_runs_every_stage_at_the_examples_size(tmp_path):
+    from blocks import TokenMLP
+
+    from normdeploy.errors import InvalidArgumentError
+    from tests import replicas
+
+    # A token MLP (Linear → transpose → BatchNorm1d → transpose): the exporter leaves the BN
+    # for fold-bn. Its sequence is dynamic; the example's length is 20.
+    torch.manual_seed(0)
+    module, x = TokenMLP(), torch.randn(1, 20, 16)
+    replicas.calibrate_bn(module, (x,))
+    result = deploy(module, tmp_path / "mlp", example_inputs=(x,), dynamic_axes=(0, 1))
+    assert result, result.to_text()
+    assert result.model_name == "TokenMLP"
+    dims = onnx.load(tmp_path / "mlp" / "model.onnx").graph.input[0].type.tensor_type.shape
+    assert [d.dim_param or d.dim_value for d in dims.dim] == ["batch", "sequence", 16]
+    # fold-bn and verify fed the graph the example's length (not a default one).
+    assert result.bn_counts()["fold-bn"] == 1
+    assert "x[1, 20, 16]" in result.fold.checked
+    assert all(shapes.endswith(", 20, 16]") for _, shapes in result.verification.inputs_ran)
+    # Shapes instead of example inputs; neither is a typed error, and nothing is written.
+    cnn = replicas.cnn_module_only()
+    result = deploy(cnn, tmp_path / "cnn", input_shapes=[(1, 3, 32, 32)], model_name="cnn")
+    assert result and result.model_name == "cnn"
+    with pytest.raises(
+        InvalidArgumentError, match=r"^example_inputs: deploy\(\) of a module \(Sequential\)"
+    ):
+        deploy(cnn, tmp_path / "none")
+    assert not (tmp_path / "none").exists()

@@ -24,6 +24,7 @@ from normdeploy.census.results import ERROR
 from normdeploy.cli import main
 from normdeploy.errors import InputFileError, InvalidArgumentError, ModelSpecError
 from normdeploy.onnx_graph import graph_input_specs
+from normdeploy.shapes import batch_axes
 from normdeploy.verification.compare import (
     BATCH_INDEPENDENCE,
     CUDA_FLOOR,
@@ -32,7 +33,7 @@ from normdeploy.verification.compare import (
     REFERENCE,
     scale_relative_error,
 )
-from normdeploy.verification.feeds import batch_axes, make_feeds, stress_feed_sets
+from normdeploy.verification.feeds import make_feeds, stress_feed_sets
 from normdeploy.verification.runners import (
     CPU,
     CUDA,
@@ -503,3 +504,110 @@ def test_batch_axis_moves_the_batch_for_a_sequence_first_model(tmp_path):
     independence = [c for c in result.checks if c.kind == BATCH_INDEPENDENCE]
     assert independence and all(independence)
     assert [s for _, s in result.inputs_ran][-1].endswith("[5, 3, 16]")
+
+
+# ------------------------------------------------------------------ shapes from the graph
+
+
+def test_a_module_only_factory_is_verified_and_inspected_from_the_graphs_shapes(
+    tmp_path, capsys
+):
+    """torchvision/timm constructors return only a module: the ONNX file declares the shapes
+    (its input is 'input', nn.Sequential's forward parameter)."""
+    from normdeploy.exporting import export
+
+    module = replicas.cnn_module_only()
+    static, dynamic = tmp_path / "static.onnx", tmp_path / "hw.onnx"
+    assert export(module, torch.randn(1, 3, 32, 32), static)
+    assert export(module, torch.randn(1, 3, 32, 32), dynamic, dynamic_axes=(0, 2, 3))
+    factory = "tests.replicas:cnn_module_only"
+    assert main(["verify", factory, str(static), "--format", "json"]) == 0
+    ran = [r["shapes"] for r in json.loads(capsys.readouterr().out)["inputs_ran"]]
+    assert ran == ["input[1, 3, 32, 32]", "input[3, 3, 32, 32]"]
+    assert main(["inspect", str(static), "--module", factory, "--format", "json"]) == 0
+    entries = json.loads(capsys.readouterr().out)["entries"]
+    assert len(entries) == 2 and all(e["confirmed"] for e in entries)
+    # Symbolic H and W: --input-shape sizes them, and its batch is the one run.
+    argv = ["verify", factory, str(dynamic), "--input-shape", "2x3x48x40", "--format", "json"]
+    assert main(argv) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [r["shapes"] for r in data["inputs_ran"]] == [
+        "input[2, 3, 48, 40]",
+        "input[1, 3, 48, 40]",
+    ]
+    assert data["batch_sizes"] == [2]
+    # --batch-sizes wins over that batch, and the report says so.
+    assert main([*argv, "--batch-sizes", "1,3"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["batch_sizes"] == [1, 3]
+    assert (
+        "batch sizes 1, 3 (batch_sizes) replace the batch 2 of input_shapes" in data["notes"]
+    )
+    # Without --input-shape: the first size tried at which the graph runs, said in a note.
+    assert main(["verify", factory, str(dynamic), "--format", "json"]) == 0
+    notes = json.loads(capsys.readouterr().out)["notes"]
+    assert any(n.startswith("symbolic dim(s) height=8, width=8 chosen") for n in notes)
+    # A static dim the shape contradicts is exit 2.
+    assert main(["verify", factory, str(static), "--input-shape", "1x3x64x64"]) == 2
+    assert "dim 2 is fixed at 32" in capsys.readouterr().err
+
+
+def test_symbolic_dims_of_another_toolchains_graph_are_sized_where_it_runs():
+    """[N, 3, H, W] that runs only at multiples of 32: verify chooses 32, and says so."""
+    from fold_support import multiple_of_model
+
+    from normdeploy.folding import fold_bn
+
+    model = multiple_of_model(32)
+    folded = fold_bn(model).model
+    result = verify(model, folded, providers="cpu")
+    assert result, result.to_text()
+    assert [s for _, s in result.inputs_ran] == ["X[1, 3, 32, 32]", "X[3, 3, 32, 32]"]
+    assert any(n.startswith("symbolic dim(s) H=32, W=32 chosen") for n in result.notes)
+    result = verify(model, folded, providers="cpu", input_shapes=[(2, 3, 64, 96)])
+    assert [s for _, s in result.inputs_ran] == ["X[2, 3, 64, 96]", "X[1, 3, 64, 96]"]
+
+
+def test_name_shape_sizes_one_input_of_two_and_shared_dims_follow(tmp_path):
+    from normdeploy.exporting import export
+
+    module, example = replicas.bert_like()
+    path = tmp_path / "bert.onnx"
+    assert export(module, example, path, dynamic_axes=(0, 1))
+    result = verify("tests.replicas:bert_like", path, input_shapes={"input_ids": (2, 12)})
+    assert result, result.to_text()
+    # attention_mask shares the 'sequence' dim: it follows the ids.
+    assert result.inputs_ran[0] == ("b2/seed0", "input_ids[2, 12], attention_mask[2, 12]")
+    with pytest.raises(
+        InvalidArgumentError, match=r"^input_shapes: input 'attention_mask' dim"
+    ):
+        verify(module, path, input_shapes={"input_ids": (2, 12), "attention_mask": (2, 13)})
+
+
+def test_dict_outputs_are_matched_to_graph_outputs_by_name(tmp_path):
+    from normdeploy.exporting import export
+
+    module, example = replicas.token_dict_model()
+    path = tmp_path / "t.onnx"
+    assert export(module, example, path)
+    graph = onnx.load(path)
+    assert [o.name for o in graph.graph.output] == ["logits", "pooled"]
+    # The same outputs listed in the other order (another toolchain's graph): by name, PASS.
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(graph)
+    reordered.graph.output.reverse()
+    result = verify(module, reordered, providers="cpu")
+    assert result, result.to_text()
+    assert {c.comparison.name for c in result.checks if c.kind == REFERENCE} == {
+        "logits", "pooled",
+    }  # fmt: skip
+    # Names that lie about what the outputs hold fail, where matching by position would pass.
+    swapped = onnx.ModelProto()
+    swapped.CopyFrom(graph)
+    first, second = swapped.graph.output
+    first.name, second.name = "pooled", "logits"
+    for node in swapped.graph.node:
+        node.output[:] = [
+            {"logits": "pooled", "pooled": "logits"}.get(o, o) for o in node.output
+        ]
+    assert not verify(module, swapped, providers="cpu", bisect=False)

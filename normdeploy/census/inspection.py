@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx
 
 from normdeploy.arguments import check_int, example_inputs_arg, module_arg, onnx_model_arg
@@ -25,6 +26,7 @@ from normdeploy.onnx_graph import (
     GraphIndex,
     default_opset,
     elem_types,
+    graph_input_specs,
     in_default_domain,
     inferred_value_infos,
     model_constants,
@@ -32,6 +34,13 @@ from normdeploy.onnx_graph import (
     scopes,
 )
 from normdeploy.scopes import node_module_path
+from normdeploy.shapes import ShapeRequest, input_shapes_arg, plan_inputs
+from normdeploy.verification.feeds import make_feeds, size_free_dims
+from normdeploy.verification.runners import CPU, OrtRunner
+
+# The confirmation run's batch where neither input_shapes nor the example inputs give one: the
+# smallest that shows a norm mixing samples (a BatchNorm left in training mode).
+CONFIRM_BATCH = 2
 
 if TYPE_CHECKING:
     import torch
@@ -98,12 +107,16 @@ def inspect(
     *,
     module: torch.nn.Module | None = None,
     example_inputs: Sequence[Any] | None = None,
+    input_shapes: ShapeRequest | None = None,
     seed: int = 0,
 ) -> Census:
     """Census of the norm layers in an ONNX model; with ``module``, per module and confirmed.
 
-    ``example_inputs`` (tensors) set the input shapes of the confirmation run; its values are
-    seeded stress inputs. Never fails on unknown ops, domains or subgraphs.
+    The confirmation run's inputs have the graph's declared shapes; ``input_shapes`` (a shape
+    per input, or ``{name: shape}``) and the ``example_inputs`` (tensors) size its symbolic
+    dims, and sizes at which the graph runs are probed for the rest
+    (:mod:`normdeploy.shapes`); batch 2 unless they say another. Its values are seeded stress
+    inputs. Never fails on unknown ops, domains or subgraphs.
     """
     from normdeploy.census.modules import module_entries
 
@@ -111,17 +124,31 @@ def inspect(
     if module is not None:
         module_arg(module)
     example_inputs = example_inputs_arg(example_inputs)
+    input_shapes = input_shapes_arg(input_shapes)
     check_int(seed, "seed")
     if isinstance(model_or_path, onnx.ModelProto):
         model, source = model_or_path, model_or_path.graph.name or "<model>"
     else:
         loaded = read_onnx(model_or_path)
         model, source = loaded.model, str(loaded.path)
+    shapes = plan_inputs(
+        graph_input_specs(model), input_shapes=input_shapes, examples=example_inputs or ()
+    )
     counts, found, lints = graph_census(model)
     entries: list[NormEntry] = []
     notes: list[str] = []
     if module is not None:
-        entries, notes = module_entries(model, module, example_inputs, seed)
+
+        def confirmation_feeds() -> dict[str, np.ndarray]:
+            nonlocal shapes
+            if shapes.free():
+                runner = OrtRunner(model, CPU)
+                shapes = size_free_dims(shapes, runner.infer, source, seed)
+            batch = shapes.batch or CONFIRM_BATCH
+            return make_feeds(shapes.specs(), batch, seed, axes=shapes.axes())
+
+        entries, notes = module_entries(model, module, confirmation_feeds)
+        notes = [*shapes.notes, *notes]
     return Census(
         source=source,
         opset=default_opset(model),

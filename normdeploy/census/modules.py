@@ -24,7 +24,7 @@ import onnx
 from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
 from normdeploy.census.results import ABSENT, FOLDED, NormEntry
 from normdeploy.errors import first_line, user_code
-from normdeploy.onnx_graph import graph_input_specs, node_label
+from normdeploy.onnx_graph import node_label
 from normdeploy.reference import module_oracle, norm_kind, oracle_gap
 from normdeploy.scopes import nodes_by_module, rewrite_rules
 from normdeploy.verification.compare import (
@@ -34,7 +34,6 @@ from normdeploy.verification.compare import (
     Check,
     TolerancePolicy,
 )
-from normdeploy.verification.feeds import feeds_like, make_feeds
 from normdeploy.verification.probe import module_output_values, run_exposed
 from normdeploy.verification.runners import CPU, default_dtype, from_numpy, to_numpy
 
@@ -42,7 +41,6 @@ if TYPE_CHECKING:
     import torch
 
 FOLD_TARGETS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-_CONFIRM_BATCH = 2
 
 
 @dataclass(frozen=True)
@@ -296,31 +294,22 @@ def _confirm(
     )
 
 
-def _confirm_feeds(
-    model: onnx.ModelProto, example_inputs: Sequence[Any] | None, seed: int
-) -> dict[str, np.ndarray]:
-    """Seeded stress inputs, shaped like the example inputs when given."""
-    specs = graph_input_specs(model)
-    if example_inputs is None or len(example_inputs) != len(specs):
-        return make_feeds(specs, _CONFIRM_BATCH, seed)
-    return feeds_like(specs, example_inputs, seed)
-
-
 def module_entries(
     model: onnx.ModelProto,
     module: torch.nn.Module,
-    example_inputs: Sequence[Any] | None,
-    seed: int,
+    make_feeds: Callable[[], Mapping[str, np.ndarray]],
     policy: TolerancePolicy = DEFAULT_POLICY,
 ) -> tuple[list[NormEntry], list[str]]:
-    """One confirmed :class:`NormEntry` per norm module of ``module``, and notes."""
+    """One confirmed :class:`NormEntry` per norm module of ``module``, and notes;
+    ``make_feeds`` makes the confirmation run's inputs (called only when there are norm
+    modules, and then before anything else runs)."""
     import torch
 
     norm_modules = [(p, m) for p, m in module.named_modules() if norm_kind(m) is not None]
     if not norm_modules:
         return [], ["the PyTorch module has no normalization layers"]
     notes: list[str] = []
-    feeds = _confirm_feeds(model, example_inputs, seed)
+    feeds = make_feeds()
     label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
     args = [from_numpy(v) for v in feeds.values()]
     paths = [p for p, _ in norm_modules]

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from normdeploy.cli._options import (
     add_batch_axis,
+    add_dynamic_options,
     add_input_shape,
+    add_interface,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     emit,
+    input_dtypes,
     input_shapes,
+    interface_options,
     parse_batch_sizes,
     parse_named,
 )
@@ -44,7 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="fold-bn keeps summed parallel branches (no RepVGG-style merge into one Conv)",
     )
-    add_input_shape(p, "e.g. 1x3x224x224")
+    add_dynamic_options(p)
+    add_input_shape(p, "example input shape like 1x3x224x224 (replaces the factory's)")
+    add_interface(p)
     add_batch_axis(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress lines")
     add_keep_failed(p)
@@ -60,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.model) == bool(args.all_reference):
         raise InvalidArgumentError("deploy: give exactly one of MODEL or --all-reference")
-    options = {
+    options: dict[str, Any] = {
         "providers": args.providers,
         "opset": args.opset,
         "exporter": args.exporter,
@@ -71,10 +78,17 @@ def run(args: argparse.Namespace) -> int:
         "progress": Progress(enabled=not args.quiet),
     }
     if args.all_reference:
-        if args.weights or args.input_shape or args.batch_axis:
+        one_model = (
+            args.weights, args.input_shape, args.batch_axis, args.dynamic_axes,
+            args.input_dtype, args.input_names, args.output_names,
+        )  # fmt: skip
+        if any(one_model):
             raise InvalidArgumentError(
-                "--weights/--input-shape/--batch-axis go with one MODEL, not --all-reference"
+                "--weights/--input-shape/--input-dtype/--batch-axis/--dynamic-axes/"
+                "--input-names/--output-names go with one MODEL, not --all-reference"
             )
+        if not args.dynamic_batch:
+            options["dynamic_batch"] = False
         summary = deploy_many(reference_registry().names(), args.output, **options)
         failed = summary.failed
         emit(summary, args)
@@ -84,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
             args.output,
             weights=args.weights,
             input_shapes=input_shapes(args),
+            input_dtypes=input_dtypes(args),
             batch_axis=parse_named(args.batch_axis, "--batch-axis", int, "an integer"),
+            **interface_options(args),
             **options,
         )
         failed = [] if result else [result.model_name]

@@ -7,13 +7,17 @@ import sys
 from pathlib import Path
 
 from normdeploy.cli._options import (
+    add_dynamic_options,
     add_input_shape,
+    add_interface,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     check_report_path,
     emit,
+    input_dtypes,
     input_shapes,
+    interface_options,
 )
 from normdeploy.exporting import (
     DEFAULT_EXPORTER,
@@ -28,8 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "export",
         help="export a PyTorch model to ONNX in eval mode and take its norm census",
         description="Export MODEL (a reference model name or package.module:factory) in eval "
-        "mode, check onnxruntime against PyTorch eval at batch 1 and 3, and report how every "
-        "norm layer was written. Exit 1 when the outputs differ.",
+        "mode, check onnxruntime against PyTorch eval at batch 1 and 3 (and each dynamic axis at "
+        "another size), and report how every norm layer was written. Exit 1 when the outputs "
+        "differ, 2 when the model rejects a size its dynamic axes allow.",
     )
     p.add_argument(
         "model", metavar="MODEL", help="reference model name or package.module:factory"
@@ -43,18 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"{', '.join(map(str, OFFERED_OPSETS))})",
     )
     p.add_argument("--exporter", choices=EXPORTERS, default=DEFAULT_EXPORTER)
-    batch = p.add_mutually_exclusive_group()
-    batch.add_argument(
-        "--dynamic-batch",
-        dest="dynamic_batch",
-        action="store_true",
-        default=True,
-        help="symbolic batch axis (default)",
-    )
-    batch.add_argument(
-        "--static", dest="dynamic_batch", action="store_false", help="fixed batch axis"
-    )
-    add_input_shape(p, "example input shape like 1x3x224x224 (repeat for several inputs)")
+    add_dynamic_options(p)
+    add_input_shape(p, "example input shape like 1x3x224x224 (replaces the factory's)")
+    add_interface(p)
     p.add_argument("--weights", help="state_dict to load (torch.load weights_only=True)")
     simplify = p.add_mutually_exclusive_group()
     simplify.add_argument(
@@ -90,9 +86,10 @@ def run(args: argparse.Namespace) -> int:
         args.output,
         weights=args.weights,
         input_shapes=input_shapes(args),
+        input_dtypes=input_dtypes(args),
         opset=args.opset,
         exporter=args.exporter,
-        dynamic_batch=args.dynamic_batch,
+        **interface_options(args),
         simplify=args.simplify,
         overwrite=args.force,
         keep_failed=args.keep_failed,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 
 from normdeploy.cli._options import (
+    add_graph_input_shape,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     check_graph_pass_report,
     emit,
+    input_shapes,
     run_reported,
 )
 
@@ -33,6 +35,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_false",
         help="keep summed parallel branches (do not merge them into one Conv)",
     )
+    add_graph_input_shape(p)
+    p.add_argument(
+        "--inputs",
+        metavar="FEEDS.npz",
+        help="feeds the check also runs: one array per input name",
+    )
     add_keep_failed(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
@@ -48,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         args,
         lambda: fold_bn_file(
             args.input, args.output, overwrite=args.force, verify=args.verify,
-            merge=args.merge, keep_failed=args.keep_failed,
+            merge=args.merge, keep_failed=args.keep_failed, input_shapes=input_shapes(args),
+            inputs=args.inputs,
         ),
     )  # fmt: skip
     emit(result, args)

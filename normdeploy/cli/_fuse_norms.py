@@ -6,11 +6,13 @@ from __future__ import annotations
 import argparse
 
 from normdeploy.cli._options import (
+    add_graph_input_shape,
     add_keep_failed,
     add_max_memory,
     add_output_options,
     check_graph_pass_report,
     emit,
+    input_shapes,
     run_reported,
 )
 
@@ -35,6 +37,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="convert the model to opset N first (17: LayerNormalization, 23: RMSNormalization)",
     )
     p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks")
+    add_graph_input_shape(p)
+    p.add_argument(
+        "--inputs",
+        metavar="FEEDS.npz",
+        help="feeds the check also runs: one array per input name",
+    )
     add_keep_failed(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
@@ -54,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
             overwrite=args.force,
             verify=args.verify,
             keep_failed=args.keep_failed,
+            input_shapes=input_shapes(args),
+            inputs=args.inputs,
         ),
     )
     emit(result, args)

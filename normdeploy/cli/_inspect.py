@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from normdeploy.cli._options import (
-    add_input_shape,
+    add_graph_input_shape,
     add_max_memory,
     add_output_options,
     check_report_path,
@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the PyTorch model it came from: reference name or package.module:factory",
     )
     p.add_argument("--weights", help="state_dict for --module (weights_only=True)")
-    add_input_shape(p, "input shape for the confirmation run, e.g. 2x3x32x32")
+    add_graph_input_shape(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite an existing report")
     p.set_defaults(run=run)
@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     if args.module:
         from normdeploy.modelspec import resolve_model
 
-        resolved = resolve_model(
-            args.module, weights=args.weights, input_shapes=input_shapes(args)
-        )
+        resolved = resolve_model(args.module, weights=args.weights, need_inputs=False)
         module, example_inputs = resolved.module, resolved.example_inputs
-    census = inspect(args.onnx, module=module, example_inputs=example_inputs)
+    census = inspect(
+        args.onnx, module=module, example_inputs=example_inputs,
+        input_shapes=input_shapes(args),
+    )  # fmt: skip
     emit(census, args)
     return 0 if census.passed and not census.errors else 1

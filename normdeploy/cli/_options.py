@@ -12,6 +12,7 @@ from typing import Any
 
 from normdeploy.errors import InvalidArgumentError, OutputPathError, VerificationFailed
 from normdeploy.report import Renderable
+from normdeploy.shapes import DTYPES
 
 FORMATS = ("text", "json", "markdown")
 
@@ -34,6 +35,10 @@ FLAGS = {
     "report": "--report",
     "batch_axis": "--batch-axis",
     "save_run": "--save-run",
+    "dynamic_axes": "--dynamic-axes",
+    "input_dtypes": "--input-dtype",
+    "input_names": "--input-names",
+    "output_names": "--output-names",
 }
 _SPELLED = {
     "dynamic_batch=False": "--static",
@@ -57,7 +62,64 @@ def cli_words(message: str) -> str:
 
 
 def add_input_shape(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--input-shape", action="append", metavar="SHAPE", help=help_text)
+    p.add_argument(
+        "--input-shape",
+        action="append",
+        metavar="[NAME=]SHAPE",
+        help=help_text + "; SHAPE for every input in order, or NAME=SHAPE per input "
+        "(repeatable)",
+    )
+
+
+def add_graph_input_shape(p: argparse.ArgumentParser) -> None:
+    """--input-shape for commands that read an ONNX file: sizes for its symbolic dims."""
+    add_input_shape(
+        p,
+        "sizes for the graph's symbolic dims, like 1x3x640x640 (default: the sizes its "
+        "declared shapes and the model's example inputs give, else the first of a few sizes "
+        "at which the graph runs); static dims must match",
+    )
+
+
+def add_dynamic_options(p: argparse.ArgumentParser) -> None:
+    """--dynamic-axes, --dynamic-batch (its spelling of 0) and --static (none)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--dynamic-axes",
+        action="append",
+        metavar="[NAME=]AXES",
+        help="comma-separated axis indices that stay symbolic, for every input (0,1: batch "
+        "and sequence; 0,2,3: batch, height, width) or NAME=AXES for one input (repeatable); "
+        "default 0 (the batch axis); an index beyond an input's rank is ignored for it; the "
+        "same index on inputs whose example sizes agree is one dim",
+    )
+    group.add_argument(
+        "--dynamic-batch",
+        dest="dynamic_batch",
+        action="store_true",
+        default=True,
+        help="only the batch axis is symbolic (the default; --dynamic-axes 0)",
+    )
+    group.add_argument(
+        "--static", dest="dynamic_batch", action="store_false", help="no symbolic axis"
+    )
+
+
+def add_interface(p: argparse.ArgumentParser) -> None:
+    """Export's interface options: dtypes of made inputs, names."""
+    p.add_argument(
+        "--input-dtype",
+        action="append",
+        metavar="[NAME=]DTYPE",
+        help="dtype of the inputs --input-shape makes where there is no example input "
+        "(default float32; an example input's dtype is kept): " + ", ".join(DTYPES),
+    )
+    p.add_argument("--input-names", metavar="A,B", help="names of the graph's inputs")
+    p.add_argument(
+        "--output-names",
+        metavar="A,B",
+        help="names of the graph's outputs (default: a dict's keys, else the exporter's)",
+    )
 
 
 def add_batch_axis(p: argparse.ArgumentParser) -> None:
@@ -98,11 +160,47 @@ def add_max_memory(p: argparse.ArgumentParser) -> None:
     )
 
 
-def input_shapes(args: argparse.Namespace) -> list[tuple[int, ...]] | None:
-    """The parsed --input-shape values, or None when none were given."""
-    from normdeploy.modelspec import parse_shape
+def input_shapes(
+    args: argparse.Namespace,
+) -> list[tuple[int, ...]] | dict[str, tuple[int, ...]] | None:
+    """The parsed --input-shape values: a shape per input in order, or {NAME: shape}; None
+    when none were given."""
+    from normdeploy.shapes import parse_shape
 
-    return [parse_shape(s) for s in args.input_shape] if args.input_shape else None
+    if not args.input_shape:
+        return None
+    named = ["=" in text for text in args.input_shape]
+    if any(named) and not all(named):
+        raise InvalidArgumentError(
+            "--input-shape: give SHAPE for every input in order, or NAME=SHAPE for each, "
+            "not both"
+        )
+    if not any(named):
+        return [parse_shape(text) for text in args.input_shape]
+    shapes = parse_named(
+        args.input_shape, "--input-shape", parse_shape, "a shape like 1x3x8x8"
+    )
+    return dict(shapes)
+
+
+def interface_options(args: argparse.Namespace) -> dict[str, Any]:
+    """export()'s keyword arguments from --dynamic-axes, --input-names, --output-names (and
+    --static/--dynamic-batch)."""
+    from normdeploy.shapes import parse_axes
+
+    return {
+        "dynamic_batch": args.dynamic_batch,
+        "dynamic_axes": parse_named(
+            args.dynamic_axes, "--dynamic-axes", parse_axes, "axis indices like 0,2,3"
+        ),
+        "input_names": args.input_names,
+        "output_names": args.output_names,
+    }
+
+
+def input_dtypes(args: argparse.Namespace) -> Any:
+    """--input-dtype: one dtype name for every input, or {NAME: dtype}."""
+    return parse_named(args.input_dtype, "--input-dtype", str, "a dtype name")
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -165,7 +263,8 @@ def check_graph_pass_report(args: argparse.Namespace) -> None:
     outputs = [(out, "output"), (data_file_for(out), "output's external data")]
     if args.keep_failed:
         outputs.append((failed_file_for(out), "failed graph"))
-    check_report_path(args, (args.input,), outputs)
+    inputs = [args.input, *([args.inputs] if getattr(args, "inputs", None) else [])]
+    check_report_path(args, inputs, outputs)
 
 
 class StdoutClosed(Exception):

@@ -7,7 +7,7 @@ import argparse
 
 from normdeploy.cli._options import (
     add_batch_axis,
-    add_input_shape,
+    add_graph_input_shape,
     add_max_memory,
     add_output_options,
     check_report_path,
@@ -24,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "verify",
         help="prove an ONNX graph computes what the PyTorch model (eval) or another graph does",
         description="Run REFERENCE (a reference model name, package.module:factory, or an ONNX "
-        "file) and CANDIDATE on the same stress inputs on every available onnxruntime provider, "
+        "file) and CANDIDATE on the same stress inputs, shaped as CANDIDATE declares its "
+        "inputs (a factory may return only a module) on every available onnxruntime provider, "
         "judge every output's error against the reference's own float32 error (both measured "
         "against a float64 evaluation), check batch independence and eval semantics, and "
         "bisect to the first differing module on a mismatch. With --load-run, the reference "
@@ -38,7 +39,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="comma-separated: cpu,cuda (default: every available one; cuda when present)",
     )
     p.add_argument(
-        "--batch-sizes", default="1,3", help="comma-separated batch sizes (default 1,3)"
+        "--batch-sizes",
+        help="comma-separated batch sizes (default: the batch of --input-shape, else 1,3)",
     )
     p.add_argument(
         "--seeds", type=int, default=1, help="input seeds per batch size (default 1)"
@@ -73,9 +75,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-bisect", dest="bisect", action="store_false", help="skip bisection")
     p.add_argument("--weights", help="state_dict for MODEL (torch.load weights_only=True)")
-    add_input_shape(
-        p, "example input shape for MODEL, like 1x3x224x224 (repeat for several inputs)"
-    )
+    add_graph_input_shape(p)
     add_max_memory(p)
     add_output_options(p, force_help="overwrite an existing report or --save-run file")
     p.set_defaults(run=run)
@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         reference,
         candidate,
         providers=args.providers,
-        batch_sizes=parse_batch_sizes(args.batch_sizes),
+        batch_sizes=None if args.batch_sizes is None else parse_batch_sizes(args.batch_sizes),
         seeds=args.seeds,
         inputs=args.inputs,
         atol=parse_named(args.atol, "--atol", float, "a number"),

@@ -52,7 +52,8 @@ import onnx
 
 from normdeploy.errors import first_line
 from normdeploy.onnx_graph import InputSpec, graph_input_specs
-from normdeploy.verification.feeds import batch_axes, stress_feed_sets
+from normdeploy.shapes import batch_axes
+from normdeploy.verification.feeds import FeedSet, stress_feed_sets
 from normdeploy.verification.float64 import Float64Graph
 from normdeploy.verification.runners import CPU, CUDA, OrtRunner
 
@@ -634,16 +635,19 @@ def compare_graphs(
     policy: TolerancePolicy = DEFAULT_POLICY,
     batch_sizes: Sequence[int] = (1, 2),
     seed: int = 0,
-    dim_values: Mapping[str, int] | None = None,
     truth: Float64Graph | None = None,
     specs: Sequence[InputSpec] | None = None,
+    axes: Mapping[str, int] | None = None,
+    extra: Sequence[FeedSet] = (),
 ) -> tuple[Check, ...]:
     """ONNX vs ONNX on the same seeded stress inputs, both as written (optimizations off).
 
     Ground truth is ``truth`` (a float64 copy of the reference graph, made here from a
-    ModelProto reference when not given); without one the nominal rule applies. ``specs`` saves
-    re-reading the reference's inputs. Checks are named ``output@bN``; static batch dims keep
-    their size, so duplicates drop.
+    ModelProto reference when not given); without one the nominal rule applies. ``specs`` (the
+    inputs as :meth:`~normdeploy.shapes.InputPlan.specs` sizes them) and ``axes`` (batch axis
+    per input) default to the reference's declared inputs; ``extra`` feed sets (a user's
+    ``.npz``) run as well. Checks are named ``output@bN`` (``output@LABEL`` for extra sets);
+    static batch dims keep their size, so duplicates drop.
     """
     ref_runner = OrtRunner(reference, provider)
     cand_runner = OrtRunner(candidate, provider)
@@ -651,9 +655,11 @@ def compare_graphs(
         specs = graph_input_specs(_header_proto(reference))
     if truth is None and isinstance(reference, onnx.ModelProto):
         truth = Float64Graph.of(reference)
-    feed_sets, _ = stress_feed_sets(specs, batch_sizes, 1, dim_values, batch_axes(specs))
+    feed_sets, _ = stress_feed_sets(
+        specs, batch_sizes, 1, None, axes if axes is not None else batch_axes(specs)
+    )
     runs = []
-    for fs in feed_sets:
+    for fs in [*feed_sets, *extra]:
         ref = ref_runner.infer(fs.feeds)
         exact = truth.infer(fs.feeds) if truth is not None and truth.available else None
         runs.append((fs, ref, cand_runner.infer(fs.feeds), exact))
@@ -663,7 +669,8 @@ def compare_graphs(
     for fs, ref, cand, exact in runs:
         checks += compare_outputs(
             ref, cand, kind=GRAPH_VS_ORIGINAL, provider=provider, inputs=fs.label,
-            policy=policy, batch_size=fs.batch_size, suffix=f"@b{fs.batch_size}",
+            policy=policy, batch_size=fs.batch_size,
+            suffix=f"@b{fs.batch_size}" if fs.batch_size else f"@{fs.label}",
             truth=exact if floors is not None else None, floors=floors,
             input_shapes=fs.shapes(),
         )  # fmt: skip

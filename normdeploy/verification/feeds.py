@@ -5,18 +5,20 @@ its spatial extent), so that normalization layers are exercised where they go wr
 inputs (token ids, indices) get small non-negative values. User feeds come from an ``.npz`` (one
 array per graph input name) or a mapping, checked against the graph's names, ranks and dtypes.
 
-The batch axis of an input is its dim named ``batch`` (axis 0 when none is), or what the caller
-says (``batch_axis``). For each seed the inputs are drawn once at the largest batch size and the
-smaller batch sizes are its leading samples, so a batch-1 run is sample 0 of the batch-3 run: the
-batch-independence check needs no extra run. :func:`check_input_shapes` refuses a requested input
-shape the graph cannot take.
+Shapes come from :mod:`normdeploy.shapes` (the batch axis of an input is its dim named ``batch``,
+axis 0 when none is, or what the caller says). For each seed the inputs are drawn once at the
+largest batch size and the smaller batch sizes are its leading samples, so a batch-1 run is sample
+0 of the batch-3 run: the batch-independence check needs no extra run.
+
+Symbolic dims nothing sizes (files from other toolchains: ``[N, 3, H, W]``) are chosen by
+:func:`size_free_dims`: a few candidate sizes, smallest first, until the graph runs.
 """
 
 from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,18 +29,15 @@ from normdeploy.budget import array_bytes, check_allocation, describe_shapes, ge
 from normdeploy.errors import (
     InputFileError,
     InvalidArgumentError,
+    InvalidModelError,
+    NormdeployError,
     ResourceLimitError,
     first_line,
 )
 from normdeploy.io import check_input_file, describe_content
 from normdeploy.onnx_graph import InputSpec
-
-SYMBOLIC_DEFAULT = 8  # value for a symbolic non-batch dim nothing else sizes
-BATCH_DIM_NAME = (
-    "batch"  # the dim name exporters (and normdeploy's export) give the batch axis
-)
-
-BatchAxis = int | Mapping[str, int]
+from normdeploy.shapes import PROBE, SYMBOLIC_DEFAULT, FreeDim, InputPlan, batch_axes
+from normdeploy.verification.runners import ort_message
 
 
 def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
@@ -55,42 +54,6 @@ def validate_batch_sizes(batch_sizes: Sequence[int]) -> tuple[int, ...]:
             f"batch_sizes: {list(sizes)} must be positive integers, e.g. 1,3"
         )
     return tuple(dict.fromkeys(sizes))
-
-
-def default_batch_axis(spec: InputSpec) -> int:
-    """The input's dim named ``batch``, else axis 0."""
-    return next((i for i, d in enumerate(spec.shape) if d == BATCH_DIM_NAME), 0)
-
-
-def batch_axes(
-    specs: Sequence[InputSpec], batch_axis: BatchAxis | None = None
-) -> dict[str, int]:
-    """The batch axis of every input: ``batch_axis`` (one axis for all, or per input name),
-    else the dim named ``batch``, else 0. InvalidArgumentError for an unknown name or axis."""
-    names = [s.name for s in specs]
-    if isinstance(batch_axis, Mapping):
-        if unknown := sorted(set(batch_axis) - set(names)):
-            raise InvalidArgumentError(
-                f"batch_axis: no input named {', '.join(map(repr, unknown))} "
-                f"(graph inputs: {', '.join(names)})"
-            )
-        chosen: dict[str, int | None] = {n: batch_axis.get(n) for n in names}
-    else:
-        chosen = dict.fromkeys(names, batch_axis)
-    axes = {}
-    for spec in specs:
-        axis = chosen[spec.name]
-        if axis is None:
-            axes[spec.name] = default_batch_axis(spec)
-            continue
-        if not isinstance(axis, int) or isinstance(axis, bool) or axis < 0:
-            raise InvalidArgumentError(f"batch_axis: {axis!r} must be an integer >= 0")
-        if spec.shape and axis >= len(spec.shape):
-            raise InvalidArgumentError(
-                f"batch_axis: input '{spec.name}' has rank {len(spec.shape)}, no axis {axis}"
-            )
-        axes[spec.name] = axis
-    return axes
 
 
 def concrete_shape(
@@ -112,35 +75,6 @@ def concrete_shape(
         else:
             out.append(SYMBOLIC_DEFAULT)
     return tuple(out)
-
-
-def check_input_shapes(
-    specs: Sequence[InputSpec], shapes: Sequence[Sequence[int]], what: str = "input_shapes"
-) -> None:
-    """Refuse requested input shapes the graph cannot take: another count or rank, or a
-    static dim of another size. InvalidArgumentError naming the input and the dim."""
-    if len(shapes) != len(specs):
-        raise InvalidArgumentError(
-            f"{what}: {len(shapes)} shape(s) given, the graph has {len(specs)} input(s) "
-            f"({', '.join(s.name for s in specs)})"
-        )
-    for spec, shape in zip(specs, shapes, strict=True):
-        given = "x".join(map(str, shape))
-        if spec.shape and len(shape) != len(spec.shape):
-            raise InvalidArgumentError(
-                f"{what}: {given} has rank {len(shape)}, the graph's input '{spec.name}' has "
-                f"rank {len(spec.shape)} {_dims(spec)}"
-            )
-        for i, (d, n) in enumerate(zip(spec.shape, shape, strict=False)):
-            if isinstance(d, int) and d > 0 and d != n:
-                raise InvalidArgumentError(
-                    f"{what}: {given} does not fit the graph: input '{spec.name}' dim {i} is "
-                    f"fixed at {d} {_dims(spec)}, asked for {n}"
-                )
-
-
-def _dims(spec: InputSpec) -> str:
-    return "[" + ", ".join("?" if d is None else str(d) for d in spec.shape) + "]"
 
 
 def stress_array(
@@ -334,6 +268,68 @@ def stress_feed_sets(
             f"{', '.join(map(str, ran_sizes))} only"
         )
     return sets, notes
+
+
+# Candidate sizes for free symbolic dims, smallest first: 8 (cheap, and what a free dim gets when
+# nothing probes), then the multiples of 32 detection/segmentation nets and ViTs need for
+# spatial axes (PaddleOCR's detector: H and W multiples of 32), and common lengths otherwise.
+SPATIAL_CANDIDATES = (8, 32, 64, 224, 640)
+OTHER_CANDIDATES = (8, 16, 128)
+
+
+def _candidates(dim: FreeDim) -> tuple[int, ...]:
+    return SPATIAL_CANDIDATES if dim.spatial else OTHER_CANDIDATES
+
+
+def size_free_dims(
+    plan: InputPlan,
+    run: Callable[[dict[str, np.ndarray]], object],
+    label: str,
+    seed: int = 0,
+) -> InputPlan:
+    """Size the plan's free symbolic dims: the i-th candidate for every free dim at once, at
+    batch 1, until ``run`` (the original graph on onnxruntime) succeeds; a note says which
+    sizes were chosen. Candidates over the memory budget are not tried (ResourceLimitError when
+    not even the first fits); InvalidModelError with the shapes tried when none runs."""
+    free = plan.free()
+    if not free:
+        return plan
+    tried: list[str] = []
+    error, last = "", plan
+    for i in range(max(len(_candidates(f)) for f in free)):
+        sizes = {f.key: _candidates(f)[min(i, len(_candidates(f)) - 1)] for f in free}
+        trial = plan.sized(sizes, PROBE)
+        if trial.describe() in tried:
+            continue
+        try:
+            feeds = make_feeds(trial.specs(), 1, seed, axes=trial.axes())
+        except ResourceLimitError:
+            if not tried:
+                raise
+            break
+        tried.append(trial.describe())
+        last = trial
+        try:
+            run(feeds)
+        except NormdeployError:
+            raise
+        except Exception as exc:  # onnxruntime's own error types
+            error = ort_message(exc)
+            continue
+        chosen = ", ".join(f"{f.label}={sizes[f.key]}" for f in free)
+        failed = f" (not at {'; '.join(tried[:-1])})" if len(tried) > 1 else ""
+        return trial.with_note(
+            f"symbolic dim(s) {chosen} chosen: {label} runs at {tried[-1]}{failed}; "
+            "input_shapes (--input-shape) sets them"
+        )
+    example = next(s for s in last.inputs if s.name == free[0].input)
+    shape = "x".join(str(d) if isinstance(d, int) else "1" for d in example.spec().shape)
+    named = f"{example.name}=" if len(plan.inputs) > 1 else ""
+    raise InvalidModelError(
+        f"{label}: onnxruntime cannot run it at any size tried for its symbolic dim(s) "
+        f"{', '.join(f.label for f in free)} ({'; '.join(tried)}; last error: {error}); "
+        f"give the sizes it takes, e.g. input_shapes={named}{shape}"
+    )
 
 
 def _npy_header(member: Any) -> tuple[tuple[int, ...], np.dtype]:

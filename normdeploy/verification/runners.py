@@ -186,20 +186,31 @@ class OrtRunner:
 # ------------------------------------------------------------------------------- PyTorch
 
 
-def flatten_outputs(value: Any) -> list[torch.Tensor]:
-    """Tensors of a (nested) model output in order: tensor, tuple/list, dict values."""
+def named_outputs(value: Any) -> list[tuple[str | None, torch.Tensor]]:
+    """Tensors of a (nested) model output in order (tensor, tuple/list, dict values), each with
+    its path when a dict key is on it (``"logits"``; ``"aux.0"`` under a list; ``"1.score"`` in
+    a tuple's second item), else None: dict keys are the outputs' names."""
     import torch
 
-    work, out = [value], []
-    while work:
-        item = work.pop(0)
+    out: list[tuple[str | None, torch.Tensor]] = []
+
+    def walk(item: Any, path: tuple[str, ...], keyed: bool) -> None:
         if isinstance(item, torch.Tensor):
-            out.append(item)
+            out.append((".".join(path) if keyed else None, item))
         elif isinstance(item, Mapping):
-            work[:0] = list(item.values())
+            for k, v in item.items():
+                walk(v, (*path, str(k)), True)
         elif isinstance(item, (list, tuple)):
-            work[:0] = list(item)
+            for i, v in enumerate(item):
+                walk(v, (*path, str(i)), keyed)
+
+    walk(value, (), False)
     return out
+
+
+def flatten_outputs(value: Any) -> list[torch.Tensor]:
+    """Tensors of a (nested) model output in order: tensor, tuple/list, dict values."""
+    return [t for _, t in named_outputs(value)]
 
 
 def to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -237,11 +248,18 @@ def module_float_dtype(module: torch.nn.Module) -> torch.dtype | None:
 
 def module_outputs(module: torch.nn.Module, args: Sequence[Any]) -> list[np.ndarray]:
     """The module's outputs on ``args`` under ``no_grad`` as numpy arrays (mode as it is)."""
+    return [array for _, array in named_module_outputs(module, args)]
+
+
+def named_module_outputs(
+    module: torch.nn.Module, args: Sequence[Any]
+) -> list[tuple[str | None, np.ndarray]]:
+    """The module's outputs with their dict-key names (:func:`named_outputs`) as numpy arrays."""
     import torch
 
     with torch.no_grad(), user_code("the model's forward"):
-        outputs = flatten_outputs(module(*args))
-    return [to_numpy(t) for t in outputs]
+        outputs = named_outputs(module(*args))
+    return [(name, to_numpy(t)) for name, t in outputs]
 
 
 @dataclass
@@ -249,7 +267,8 @@ class TorchRunner:
     """Runs a deep copy of ``module`` in eval mode, no_grad, on ``device``: ``infer(feeds)``.
 
     Inputs are taken from ``feeds`` in ``input_names`` order; floating inputs are cast to the
-    module's parameter dtype. Outputs are named by position with ``output_names``. With
+    module's parameter dtype. Outputs are matched to ``output_names`` by name when the module
+    returns a dict whose keys are those names (in any order), else by position. With
     ``dtype`` (``torch.float64`` for ground truth) the copy's floating parameters and buffers
     are converted to it and tensors the forward creates default to it.
     """
@@ -279,8 +298,13 @@ class TorchRunner:
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with default_dtype(self.dtype):
-            arrays = module_outputs(self._model, self.args(feeds))
+            named = named_module_outputs(self._model, self.args(feeds))
+        arrays = [array for _, array in named]
         names = list(self.output_names or [f"output_{i}" for i in range(len(arrays))])
+        keys = [key for key, _ in named if key is not None]
+        if len(keys) == len(named) and sorted(keys) == sorted(names):
+            by_key = dict(zip(keys, arrays, strict=True))
+            return {name: by_key[name] for name in names}
         if len(names) != len(arrays):
             raise InvalidArgumentError(
                 f"the PyTorch model returns {len(arrays)} tensor(s) but the ONNX graph has "

@@ -21,7 +21,9 @@ output:
   0 otherwise) unless ``batch_axis`` says another.
 
 Inputs are seeded stress inputs (:mod:`~normdeploy.verification.feeds`) at every batch size and
-seed, plus user feeds from an ``.npz``. Outputs are matched by name when the names agree, else by
+seed, shaped as the candidate declares its inputs (:mod:`normdeploy.shapes`: ``input_shapes``
+and the reference's example inputs size its symbolic dims, sizes at which the graph runs are
+probed for the rest), plus user feeds from an ``.npz``. Outputs are matched by name when the names agree, else by
 position; an ONNX reference's inputs likewise (by position when only the names differ); the
 result says which. Requested ``input_shapes`` the graph cannot take are a user error. The graph
 is linted for eval semantics (:mod:`normdeploy.census.lints`), a module handed over in train mode
@@ -47,13 +49,22 @@ from normdeploy.arguments import (
     feeds_arg,
     optional_path,
     providers_arg,
-    shapes_arg,
 )
 from normdeploy.census.lints import model_eval_mode_lints
 from normdeploy.errors import InvalidArgumentError, InvalidModelError, first_line
 from normdeploy.io import check_output_path, read_onnx
 from normdeploy.modes import training_report
 from normdeploy.onnx_graph import InputSpec, graph_input_specs, value_shape
+from normdeploy.shapes import (
+    BATCH_DIM_NAME,
+    BatchAxis,
+    InputPlan,
+    ShapeRequest,
+    batch_axes,
+    check_input_shapes,
+    input_shapes_arg,
+    plan_inputs,
+)
 from normdeploy.verification import bisection
 from normdeploy.verification.compare import (
     BATCH_INDEPENDENCE,
@@ -71,14 +82,10 @@ from normdeploy.verification.compare import (
     pooled_floors,
 )
 from normdeploy.verification.feeds import (
-    BATCH_DIM_NAME,
-    BatchAxis,
     FeedSet,
-    batch_axes,
-    check_input_shapes,
-    dim_values_from,
     leading_samples,
     load_feeds,
+    size_free_dims,
     stress_feed_sets,
     validate_batch_sizes,
 )
@@ -147,7 +154,8 @@ def check_verify_arguments(
 ) -> None:
     """Argument types of :func:`verify` (values are checked where they are used)."""
     providers_arg(providers)
-    batch_sizes_arg(batch_sizes)
+    if batch_sizes is not None:
+        batch_sizes_arg(batch_sizes)
     feeds_arg(inputs)
     if tolerance is not None and not isinstance(tolerance, Tolerance):
         raise InvalidArgumentError(
@@ -156,7 +164,7 @@ def check_verify_arguments(
         )
     check_bool(bisect, "bisect")
     optional_path(weights, "weights")
-    shapes_arg(input_shapes)
+    input_shapes_arg(input_shapes)
 
 
 def _check_override_names(atol: Any, rtol: Any, outputs: Sequence[str]) -> None:
@@ -207,17 +215,16 @@ def _is_onnx_reference(reference: Any) -> bool:
 
 
 def _resolve_module(
-    reference: object,
-    weights: str | os.PathLike[str] | None,
-    input_shapes: Sequence[Sequence[int]] | None,
+    reference: object, weights: str | os.PathLike[str] | None
 ) -> tuple[torch.nn.Module, tuple[Any, ...], str]:
-    """(module, example inputs, label) for a module, ResolvedModel or MODEL spec."""
+    """(module, example inputs, label) for a module, ResolvedModel or MODEL spec; a factory
+    that returns only a module is fine: the graph's declared inputs size the feeds."""
     import torch
 
     from normdeploy.modelspec import ResolvedModel, resolve_model
 
     if isinstance(reference, str):
-        reference = resolve_model(reference, weights=weights, input_shapes=input_shapes)
+        reference = resolve_model(reference, weights=weights, need_inputs=False)
     if isinstance(reference, ResolvedModel):
         return reference.module, tuple(reference.example_inputs), reference.name
     if isinstance(reference, torch.nn.Module):
@@ -355,14 +362,13 @@ def _onnx_reference(
 def _torch_reference(
     reference: Any,
     weights: str | os.PathLike[str] | None,
-    input_shapes: Sequence[Sequence[int]] | None,
     input_names: list[str],
     output_names: list[str],
     providers: Sequence[str],
 ) -> _Reference:
     import torch
 
-    module, examples, label = _resolve_module(reference, weights, input_shapes)
+    module, examples, label = _resolve_module(reference, weights)
     ref = _Reference(label, "pytorch", list(output_names), module=module, examples=examples)
     ref.torch32 = TorchRunner(module, input_names, output_names)
     try:
@@ -615,12 +621,53 @@ def _bisect(
     return None
 
 
+DEFAULT_BATCH_SIZES = (1, 3)
+
+
+def _input_plan(
+    specs: Sequence[InputSpec],
+    input_shapes: ShapeRequest | None,
+    batch_axis: BatchAxis | None,
+    ref: _Reference,
+    runners: Mapping[str, OrtRunner],
+    cand_label: str,
+) -> InputPlan:
+    """The inputs' shapes: the graph's, sized by ``input_shapes`` and the reference's example
+    inputs; free symbolic dims probed on the reference graph (an ONNX reference) or on the
+    candidate (a PyTorch reference)."""
+    shapes = plan_inputs(
+        specs, input_shapes=input_shapes, examples=ref.examples, batch_axis=batch_axis
+    )
+    if not shapes.free():
+        return shapes
+    if ref.kind == "onnx":
+        graph = ref.graphs.get(CPU) or next(iter(ref.graphs.values()))
+        return size_free_dims(shapes, lambda f: graph.infer(ref.feeds_for(f)), ref.label)
+    runner = runners.get(CPU) or next(iter(runners.values()))
+    return size_free_dims(shapes, runner.infer, cand_label)
+
+
+def _batch_sizes(
+    asked: tuple[int, ...] | None, shapes: InputPlan, notes: list[str]
+) -> tuple[int, ...]:
+    """The batch sizes asked for, else the batch of ``input_shapes``, else (1, 3); a note when
+    both were given and disagree."""
+    if asked is None:
+        return (shapes.user_batch,) if shapes.user_batch else DEFAULT_BATCH_SIZES
+    if shapes.user_batch and asked != (shapes.user_batch,):
+        notes.append(
+            f"batch sizes {', '.join(map(str, asked))} (batch_sizes) replace the batch "
+            f"{shapes.user_batch} of input_shapes"
+        )
+    return asked
+
+
 def verify(
     reference: Any,
     onnx_model: Any,
     *,
     providers: Sequence[str] | str | None = None,
-    batch_sizes: Sequence[int] = (1, 3),
+    batch_sizes: Sequence[int] | None = None,
     seeds: int = 1,
     inputs: str | os.PathLike[str] | Mapping[str, np.ndarray] | None = None,
     tolerance: Tolerance | None = None,
@@ -628,7 +675,7 @@ def verify(
     rtol: float | Mapping[str, float] | None = None,
     bisect: bool = True,
     weights: str | os.PathLike[str] | None = None,
-    input_shapes: Sequence[Sequence[int]] | None = None,
+    input_shapes: ShapeRequest | None = None,
     batch_axis: BatchAxis | None = None,
     save_run: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
@@ -637,15 +684,18 @@ def verify(
 
     ``reference`` is an ``nn.Module``, a ``ResolvedModel``, a MODEL spec string, an ONNX
     path/ModelProto, or a :class:`~normdeploy.verification.record.RecordedRun` (``load_run``).
-    ``save_run`` writes the inputs, reference outputs, truth and floors to an ``.npz`` (refusing
-    an existing file unless ``overwrite``). The result is falsy on any mismatch; it never raises
-    for one.
+    Input shapes are the graph's (:mod:`normdeploy.shapes`): ``input_shapes`` (a shape per
+    input, or ``{name: shape}``) and the reference's example inputs size its symbolic dims, and
+    sizes at which the graph runs are probed for the rest. ``batch_sizes`` default to the batch
+    of ``input_shapes`` when it gives one, else (1, 3). ``save_run`` writes the inputs,
+    reference outputs, truth and floors to an ``.npz`` (refusing an existing file unless
+    ``overwrite``). The result is falsy on any mismatch; it never raises for one.
     """
     check_verify_arguments(
         providers=providers, batch_sizes=batch_sizes, inputs=inputs, tolerance=tolerance,
         bisect=bisect, weights=weights, input_shapes=input_shapes,
     )  # fmt: skip
-    sizes = validate_batch_sizes(batch_sizes)
+    asked_sizes = None if batch_sizes is None else validate_batch_sizes(batch_sizes)
     _validate_seeds(seeds)
     policy = tolerance_policy(tolerance, atol, rtol)
     candidate, cand_label = load_model_arg(onnx_model, "ONNX model")
@@ -659,11 +709,10 @@ def verify(
     specs = graph_input_specs(candidate)
     cand_outputs = next(iter(runners.values())).output_names
     _check_override_names(atol, rtol, cand_outputs)
-    axes = batch_axes(specs, batch_axis)
-    torch_reference = not isinstance(reference, RecordedRun) and not _is_onnx_reference(
-        reference
-    )
-    if input_shapes and torch_reference:
+    batch_axes(specs, batch_axis)  # bad axes fail before any work
+    if input_shapes is not None:
+        if isinstance(reference, RecordedRun):
+            raise InvalidArgumentError("input_shapes: a saved run brings its own inputs")
         check_input_shapes(specs, input_shapes)
 
     if isinstance(reference, RecordedRun):
@@ -684,9 +733,8 @@ def verify(
         ref = _onnx_reference(reference, specs, list(runners), cand_label)
     else:
         ref = _torch_reference(
-            reference, weights, input_shapes, [s.name for s in specs], cand_outputs,
-            list(runners),
-        )  # fmt: skip
+            reference, weights, [s.name for s in specs], cand_outputs, list(runners)
+        )
     pairing = pair_outputs(ref.output_names, cand_outputs)
     if pairing is not None and ref.kind != "pytorch":  # PyTorch outputs have no names
         notes.append(pairing.describe())
@@ -694,13 +742,15 @@ def verify(
     if ref.recorded is not None:
         sets, batched_fs, alone_fs, extra = _recorded_sets(ref.recorded)
     else:
-        dims = dim_values_from(specs, ref.examples)
-        sets, feed_notes = stress_feed_sets(specs, sizes, seeds, dims, axes)
+        shapes = _input_plan(specs, input_shapes, batch_axis, ref, runners, cand_label)
+        sizes = _batch_sizes(asked_sizes, shapes, notes)
+        notes += shapes.notes
+        sets, feed_notes = stress_feed_sets(shapes.specs(), sizes, seeds, None, shapes.axes())
         notes += feed_notes
         if inputs is not None:
             label, user = load_feeds(inputs, specs)
             sets.append(FeedSet(label, None, user))
-        batched_fs, alone_fs, extra = _plan_batch_check(sets, specs, axes)
+        batched_fs, alone_fs, extra = _plan_batch_check(sets, shapes.specs(), shapes.axes())
 
     runs = [_run_set(fs, CHECK, ref, runners) for fs in sets]
     extra_run = _run_set(extra, ALONE, ref, runners) if extra is not None else None
