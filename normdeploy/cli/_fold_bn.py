@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 
 from normdeploy.cli._options import (
-    add_graph_input_shape,
-    add_keep_failed,
-    add_max_memory,
+    add_graph_pass_options,
     add_output_options,
     check_graph_pass_report,
     emit,
@@ -26,23 +24,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "check the result against the input on onnxruntime before writing it. Exit 1 when "
         "they differ (nothing is written).",
     )
-    p.add_argument("input", metavar="IN.onnx", help="ONNX file to fold (never modified)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the check")
+    add_graph_pass_options(
+        p, "ONNX file to fold (never modified)", "skip the check against the input"
+    )
     p.add_argument(
         "--no-merge",
         dest="merge",
         action="store_false",
         help="keep summed parallel branches (do not merge them into one Conv)",
     )
-    add_graph_input_shape(p)
-    p.add_argument(
-        "--inputs",
-        metavar="FEEDS.npz",
-        help="feeds the check also runs: one array per input name",
-    )
-    add_keep_failed(p)
-    add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import argparse
 
 from normdeploy.cli._options import (
-    add_graph_input_shape,
-    add_keep_failed,
-    add_max_memory,
+    add_graph_pass_options,
     add_output_options,
     check_graph_pass_report,
     emit,
@@ -28,23 +26,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--opset asks for another: then the whole model is converted first and the converted "
         "graph checked. Exit 1 when a check fails (nothing is written).",
     )
-    p.add_argument("input", metavar="IN.onnx", help="ONNX file (never modified)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    add_graph_pass_options(p, "ONNX file (never modified)", "skip the checks")
     p.add_argument(
         "--opset",
         type=int,
         metavar="N",
         help="convert the model to opset N first (17: LayerNormalization, 23: RMSNormalization)",
     )
-    p.add_argument("--no-verify", dest="verify", action="store_false", help="skip the checks")
-    add_graph_input_shape(p)
-    p.add_argument(
-        "--inputs",
-        metavar="FEEDS.npz",
-        help="feeds the check also runs: one array per input name",
-    )
-    add_keep_failed(p)
-    add_max_memory(p)
     add_output_options(p, force_help="overwrite existing outputs")
     p.set_defaults(run=run)
 

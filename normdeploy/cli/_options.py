@@ -81,6 +81,24 @@ def add_graph_input_shape(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_graph_pass_options(
+    p: argparse.ArgumentParser, input_help: str, verify_help: str
+) -> None:
+    """What every command that rewrites an ONNX file into another takes (fold-bn, fuse-norms):
+    IN.onnx, -o, --no-verify, --input-shape, --inputs, --keep-failed and --max-memory."""
+    p.add_argument("input", metavar="IN.onnx", help=input_help)
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="file to write")
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=verify_help)
+    add_graph_input_shape(p)
+    p.add_argument(
+        "--inputs",
+        metavar="FEEDS.npz",
+        help="feeds the check also runs: one array per input name",
+    )
+    add_keep_failed(p)
+    add_max_memory(p)
+
+
 def add_dynamic_options(p: argparse.ArgumentParser) -> None:
     """--dynamic-axes, --dynamic-batch (its spelling of 0) and --static (none)."""
     group = p.add_mutually_exclusive_group()
