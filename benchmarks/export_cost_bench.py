@@ -15,6 +15,7 @@ Medians of wall time and peak RSS, and their ratios.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 
@@ -65,11 +66,14 @@ def bench(model: str, rounds: int) -> dict[str, list[ProcessRun | str]]:
     return samples
 
 
-def _stats(samples: list[ProcessRun | str]) -> tuple[float, float] | str:
+def _stats(samples: list[ProcessRun | str]) -> tuple[float, float, str] | str:
+    """Median wall and peak RSS, and the walls' range over the rounds; or the first error."""
     ok = [s for s in samples if isinstance(s, ProcessRun)]
     if not ok:
         return next(s for s in samples if isinstance(s, str))
-    return median([s.wall_s for s in ok]), median([s.peak_rss for s in ok])
+    walls = [s.wall_s for s in ok]
+    spread = f"{min(walls):.1f}–{max(walls):.1f} s"
+    return median(walls), median([s.peak_rss for s in ok]), spread
 
 
 def rows(model: str, samples: dict[str, list[ProcessRun | str]]) -> list[list[str]]:
@@ -81,9 +85,9 @@ def rows(model: str, samples: dict[str, list[ProcessRun | str]]) -> list[list[st
             out.append([model, side, against, "-", "-", str(note)])
             continue
         out.append([
-            model, f"{side}: {fmt_s(ours[0])}, {fmt_bytes(ours[1])}",
-            f"{against}: {fmt_s(base[0])}, {fmt_bytes(base[1])}",
-            fmt_ratio(ours[0] / base[0]), fmt_ratio(ours[1] / base[1]), "",
+            model, f"{side}: {fmt_s(ours[0])} ({ours[2]}), {fmt_bytes(ours[1])}",
+            f"{against}: {fmt_s(base[0])} ({base[2]}), {fmt_bytes(base[1])}",
+            fmt_ratio(ours[0] / base[0]), fmt_ratio(ours[1] / base[1]),
         ])  # fmt: skip
     return out
 
@@ -94,13 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args(argv)
     table = []
+    load = os.getloadavg()[0]
     for model in args.models:
         table += rows(model, bench(model, args.rounds))
     print(
         f"#### export and deploy on real-sized models (median of {args.rounds} interleaved "
-        "whole-process rounds)\n"
+        f"whole-process rounds; load average {load:.2f} before, {os.getloadavg()[0]:.2f} "
+        "after)\n"
     )
-    print(markdown_table(["model", "ours", "against", "wall", "peak RSS", "note"], table))
+    print(
+        markdown_table(
+            ["model", "ours: median wall (range), peak RSS", "against", "wall", "peak RSS"],
+            table,
+        )
+    )
     return 0
 
 

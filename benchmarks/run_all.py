@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import export_cost_bench
 import fold_bn_bench
 import fuse_norms_bench
 import latency_bench
@@ -25,6 +26,7 @@ import tolerance_bench
 from _common import machine_line
 
 BENCHES: dict[str, Callable[[list[str] | None], int]] = {
+    "export-cost": export_cost_bench.main,
     "fold": fold_bn_bench.main,
     "fuse-norms": fuse_norms_bench.main,
     "latency": latency_bench.main,
@@ -41,6 +43,7 @@ def bench_args(full: bool, repeats: int | None) -> dict[str, list[str]]:
     rounds = str(21 if full else 11)
     sizes = ["5", "50", "150", "500"] if full else ["5", "50"]
     return {
+        "export-cost": ["--rounds", str(repeats or (5 if full else 3))],
         "fold": ["--sizes", *sizes, "--repeats", str(fold_repeats)],
         "fuse-norms": ["--rounds", rounds],
         "latency": ["--rounds", rounds],

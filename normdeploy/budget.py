@@ -138,6 +138,17 @@ def generation_bytes(shape: Sequence[int], dtype: Any) -> int:
     return n * (per + np.dtype(dtype).itemsize)
 
 
+def release_memory() -> None:
+    """Hand the heap pages the process has freed back to the system (glibc keeps them
+    otherwise), so that a stage's peak does not sit on top of the memory an earlier stage
+    used and freed. Does nothing where the C library has no ``malloc_trim``."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def check_allocation(what: str, nbytes: int) -> None:
     """Raise ResourceLimitError when ``nbytes`` for ``what`` exceed the budget."""
     budget, source = memory_budget()

@@ -44,6 +44,8 @@ from normdeploy.arguments import (
     optional_str,
     path_arg,
 )
+from normdeploy.budget import release_memory
+from normdeploy.census.modules import Confirmation
 from normdeploy.census.results import Census
 from normdeploy.errors import (
     ExportError,
@@ -89,11 +91,12 @@ from normdeploy.verification.compare import (
     failed_check,
     pooled_floors,
 )
-from normdeploy.verification.feeds import FeedSet, make_feeds
+from normdeploy.verification.feeds import FeedSet, leading_samples, make_feeds
 from normdeploy.verification.results import describe_verdict, fmt_margin, worst
 from normdeploy.verification.runners import (
     CPU,
     OrtRunner,
+    ReferenceMemo,
     TorchRunner,
     named_module_outputs,
 )
@@ -211,6 +214,9 @@ class ExportResult:
     # shape (what a pass's self-check on this graph feeds it).
     dynamic_axes: tuple[str, ...] = ()
     example_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    # The module's outputs and float64 truth on the check's inputs, for a verify that follows
+    # (deploy's); not part of the report.
+    reference: ReferenceMemo | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -713,8 +719,11 @@ def _check_sets(
     """The example's sizes at each batch size, and each non-batch dynamic dim at another size
     (:func:`~normdeploy.shapes.other_size`) at the first batch size; notes."""
     specs, axes = shapes.specs(), shapes.axes()
+    # As verify draws them (smaller batches are the largest one's leading samples): deploy's
+    # verify then finds the reference's outputs on them already computed.
+    full = make_feeds(specs, max(batch_sizes), seed, axes=axes)
     sets = [
-        _CheckSet(FeedSet(f"b{b}/seed{seed}", b, make_feeds(specs, b, seed, axes=axes), seed))
+        _CheckSet(FeedSet(f"b{b}/seed{seed}", b, leading_samples(full, specs, axes, b), seed))
         for b in batch_sizes
     ]
     notes = []
@@ -755,10 +764,19 @@ def _export_checks(
     sets: Sequence[_CheckSet],
     interface: ExportInterface,
     name: str,
+    confirmation: Confirmation | None = None,
+    memo: ReferenceMemo | None = None,
 ) -> tuple[tuple[BatchCheck, ...], list[str]]:
     """onnxruntime vs PyTorch eval on each input set, judged by the tolerance policy against
-    a float64 copy of the module; and notes. A model that fails at another size of a dynamic
-    dim rejects that dim: InvalidArgumentError naming axis and size."""
+    the module in float64; and notes. A model that fails at another size of a dynamic dim
+    rejects that dim: InvalidArgumentError naming axis and size.
+
+    ``eval_module`` is export's own eval copy, run as it is: first in float32 on every set,
+    then converted to float64 in place for the truth (so that the float64 reference costs no
+    second copy; export needs the module no further). ``confirmation`` (the census's, on the
+    first set's feeds) rides on the first set's forwards and takes its graph run in between.
+    ``memo`` receives the module's outputs and truth on every set that ran.
+    """
     import torch
 
     specs = graph_input_specs(model)
@@ -775,12 +793,16 @@ def _export_checks(
             )
             for c in sets
         ), []
-    eval32 = TorchRunner(eval_module, names, outputs)
-    eval64: TorchRunner | None = TorchRunner(eval_module, names, outputs, dtype=torch.float64)
+    eval32 = TorchRunner(eval_module, names, outputs, owned=True)
     notes: list[str] = []
-    done: dict[str, tuple[Any, Any, Any]] = {}
+    done: dict[str, tuple[Any, Any]] = {}
     failed: dict[str, Check] = {}
     ran_torch = False
+
+    def hooked(check: _CheckSet, hooks: Any) -> Any:
+        confirm = confirmation is not None and check is sets[0]
+        return hooks(eval32.model) if confirm else contextlib.nullcontext()
+
     for check in sets:
         fs, label, batch = check.feeds, check.key, check.feeds.batch_size
         expected = None
@@ -801,27 +823,50 @@ def _export_checks(
             continue
         if expected is None:
             try:
-                expected = eval32.infer(fs.feeds)
+                with hooked(check, confirmation and confirmation.float32_hooks):
+                    expected = eval32.infer(fs.feeds)
             except InvalidArgumentError as exc:  # another number of outputs than the graph
                 failed[label] = failed_check(
                     REFERENCE, CPU, label, "output matching", exc, batch
                 )
                 continue
             except Exception as exc:
+                if confirmation is not None and check is sets[0]:
+                    confirmation.float32_failed(exc)
                 failed[label] = failed_check(REFERENCE, CPU, label, "PyTorch eval", exc, batch)
                 continue
         ran_torch = True
-        truth = None
-        if eval64 is not None:
-            try:
-                truth = eval64.infer(fs.feeds)
-            except Exception as exc:  # no float64 copy: the nominal floor applies
-                notes.append(f"the float64 copy of the module fails: {first_line(exc, 160)}")
-                eval64 = None
-        done[label] = (expected, actual, truth)
+        done[label] = (expected, actual)
+    # Each stage's memory goes back before the next one's peak: the session before the
+    # census's graph run, the census's values (released by the first float64 forward) before
+    # the larger batches' float64 forwards.
+    del runner
+    release_memory()
+    if confirmation is not None:
+        confirmation.run_graph()
+        release_memory()
+    truths: dict[str, Any] = {}
+    if done:
+        try:
+            eval64 = TorchRunner(eval_module, names, outputs, dtype=torch.float64, owned=True)
+            for check in sets:
+                if check.key in done:
+                    with hooked(check, confirmation and confirmation.float64_hooks):
+                        truths[check.key] = eval64.infer(check.feeds.feeds)
+                    if check is sets[0]:
+                        release_memory()
+        except Exception as exc:  # no float64 module: the nominal floor applies
+            notes.append(f"the float64 copy of the module fails: {first_line(exc, 160)}")
+            if confirmation is not None:
+                confirmation.float64_failed(exc)
+            truths = {}
+    if memo is not None:
+        for check in sets:
+            if check.key in done:
+                memo.add(check.feeds.feeds, done[check.key][0], truths.get(check.key))
     floors = (
-        pooled_floors([d[0] for d in done.values()], [d[2] for d in done.values()])
-        if done and all(d[2] is not None for d in done.values())
+        pooled_floors([d[0] for d in done.values()], [truths[k] for k in done])
+        if done and len(truths) == len(done)
         else None
     )
     groups = []
@@ -830,12 +875,12 @@ def _export_checks(
         if label in failed:
             groups.append(BatchCheck(batch, (failed[label],), label))
             continue
-        expected, actual, truth = done[label]
+        expected, actual = done[label]
         suffix = f"@b{batch}" + (f",{check.dim.symbol}={check.size}" if check.dim else "")
         checks = compare_outputs(
             expected, actual, kind=REFERENCE, provider=CPU, inputs=label,
             policy=DEFAULT_POLICY, batch_size=batch, suffix=suffix,
-            truth=truth if floors is not None else None, floors=floors,
+            truth=truths.get(label) if floors is not None else None, floors=floors,
             input_shapes=check.feeds.shapes(),
         )  # fmt: skip
         groups.append(BatchCheck(batch, tuple(checks), label))
@@ -867,9 +912,9 @@ def _example_args(example_inputs: Sequence[Any] | Any) -> tuple[Any, ...]:
 
 def _run_in_eval(
     module: torch.nn.Module, args: tuple[Any, ...], name: str
-) -> tuple[torch.nn.Module, list[str | None]]:
+) -> tuple[torch.nn.Module, list[tuple[str | None, Any]]]:
     """An eval-mode copy that has run once on ``args`` (a model that fails there is bad
-    input), and the dict key of each of its outputs (None where there is none)."""
+    input), and its outputs, each with its dict key (None where there is none)."""
     eval_module = copy.deepcopy(module).eval()
     try:
         outputs = named_module_outputs(eval_module, args)
@@ -884,7 +929,7 @@ def _run_in_eval(
             f"{name}: the model returns no tensors on example inputs of shape {_shapes(args)} "
             "(forward returned None or no tensor); an ONNX graph needs at least one output"
         )
-    return eval_module, [key for key, _ in outputs]
+    return eval_module, outputs
 
 
 _EXPORT_FN = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
@@ -1035,12 +1080,14 @@ def export(
     timings: dict[str, float] = {}
     notes: list[str] = []
 
-    eval_module, output_keys = _run_in_eval(module, args, name)
+    eval_module, eval_outputs = _run_in_eval(module, args, name)
     interface = _interface(
-        module, args, output_keys, dynamic_batch=dynamic_batch, dynamic_axes=dynamic_axes,
-        batch_axis=batch_axis, input_names=input_names, output_names=output_names,
+        module, args, [key for key, _ in eval_outputs], dynamic_batch=dynamic_batch,
+        dynamic_axes=dynamic_axes, batch_axis=batch_axis, input_names=input_names,
+        output_names=output_names,
     )  # fmt: skip
-    train = training_report(module, args)
+    train = training_report(module, args, [array for _, array in eval_outputs])
+    del eval_outputs
     if train.was_training:
         logger.warning("%s: %s", name, train.summary())
     trace_args = _trace_inputs(args, interface.dims)
@@ -1076,13 +1123,23 @@ def export(
 
     start = time.perf_counter()
     sets, set_notes = _check_sets(shapes, interface, batch_sizes, seed)
-    checks, check_notes = _export_checks(model, eval_module, sets, interface, name)
+    # The census confirms every norm module on the first set's feeds, during the check's own
+    # forwards on them.
+    confirmation = Confirmation(model, eval_module, sets[0].feeds.feeds) if sets else None
+    memo = ReferenceMemo(train_mode=train)
+    checks, check_notes = _export_checks(
+        model, eval_module, sets, interface, name, confirmation, memo
+    )
+    del eval_module  # float64 by now, and needed no further
     notes += set_notes + check_notes
     timings["check"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    taken = census.inspect(model, module=eval_module, example_inputs=trace_args, seed=seed)
-    taken = dataclasses.replace(taken, source=str(out))
+    taken = census.inspect(model)
+    entries, census_notes = confirmation.result() if confirmation else ([], [])
+    taken = dataclasses.replace(
+        taken, source=str(out), entries=tuple(entries), notes=tuple(census_notes)
+    )
     timings["census"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -1113,6 +1170,7 @@ def export(
         timings=timings,
         notes=tuple(notes),
         written=written,
+        reference=memo,
     )
 
 

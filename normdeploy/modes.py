@@ -52,8 +52,14 @@ class TrainModeReport:
         }
 
 
-def training_report(module: torch.nn.Module, example_inputs: Sequence[Any]) -> TrainModeReport:
-    """Which submodules are training, and max|train - eval| on copies (the caller is untouched)."""
+def training_report(
+    module: torch.nn.Module,
+    example_inputs: Sequence[Any],
+    eval_outputs: Sequence[np.ndarray] | None = None,
+) -> TrainModeReport:
+    """Which submodules are training, and max|train - eval| on copies (the caller is
+    untouched); ``eval_outputs``: the eval-mode outputs on ``example_inputs`` when the caller
+    has them already (no eval copy is made then)."""
     import torch
 
     training = tuple(name or "<root>" for name, m in module.named_modules() if m.training)
@@ -61,11 +67,13 @@ def training_report(module: torch.nn.Module, example_inputs: Sequence[Any]) -> T
         return TrainModeReport(False)
     try:
         train_copy = copy.deepcopy(module)  # a train-mode forward updates BN running stats
-        eval_copy = copy.deepcopy(module).eval()
         with torch.random.fork_rng():
             torch.manual_seed(0)
             train_out = module_outputs(train_copy, example_inputs)
-        eval_out = module_outputs(eval_copy, example_inputs)
+        del train_copy
+        if eval_outputs is None:
+            eval_outputs = module_outputs(copy.deepcopy(module).eval(), example_inputs)
+        eval_out = eval_outputs
         diffs = [
             float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
             for a, b in zip(train_out, eval_out, strict=True)

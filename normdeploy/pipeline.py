@@ -418,12 +418,14 @@ def _run_verify(
     providers: Sequence[str],
     batch_sizes: Sequence[int],
     batch_axis: BatchAxis | None,
+    exported: ExportResult,
 ) -> VerifyResult:
     from normdeploy.verification.verifier import verify
 
+    # The export check ran the module on the same inputs: verify takes its outputs.
     return verify(
         module, model_path, providers=providers, batch_sizes=tuple(batch_sizes),
-        batch_axis=batch_axis,
+        batch_axis=batch_axis, reference_outputs=exported.reference,
     )  # fmt: skip
 
 
@@ -664,7 +666,7 @@ def _deploy_staged(
         with progress.stage(model_name, "verify", timings):
             state["verification"] = _run_verify(
                 resolved, staged, list(providers), batch_sizes,
-                export_options.get("batch_axis"),
+                export_options.get("batch_axis"), exported,
             )  # fmt: skip
         return DeployResult(model_name, out, timings=timings, **state)
     except NormdeployError as exc:

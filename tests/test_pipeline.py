@@ -336,3 +336,47 @@ def test_deploy_takes_a_module_and_runs_every_stage_at_the_examples_size(tmp_pat
     ):
         deploy(cnn, tmp_path / "none")
     assert not (tmp_path / "none").exists()
+
+
+class _CountingCNN(torch.nn.Module):
+    """Conv → BatchNorm → ReLU → pool → Linear that counts its forwards (over every copy)."""
+
+    forwards = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        type(self).forwards += 1
+        y = torch.relu(self.bn(self.conv(x)))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def test_deploy_verifies_with_the_reference_outputs_its_export_computed(tmp_path):
+    from normdeploy import export
+    from normdeploy.verification.verifier import verify
+
+    torch.manual_seed(0)
+    module, x = _CountingCNN().eval(), torch.randn(1, 3, 16, 16)
+    _CountingCNN.forwards = 0
+    exported = export(module, (x,), tmp_path / "alone.onnx")
+    export_forwards = _CountingCNN.forwards
+    assert exported and exported.reference is not None
+    _CountingCNN.forwards = 0
+    result = deploy(module, tmp_path / "out", example_inputs=(x,), providers="cpu")
+    assert result, result.to_text()
+    # verify ran no forward of its own: the export check's outputs on the same inputs served.
+    assert _CountingCNN.forwards == export_forwards
+    assert result.verification.batch_sizes == (1, 3)
+    # They are used, not merely present: outputs (and truth) that disagree with the module
+    # by 1% on the very inputs verify draws fail its verdict; without them it passes.
+    memo = exported.reference
+    for table in (memo.expected, memo.truth):
+        for key, outputs in table.items():
+            table[key] = {k: v * v.dtype.type(1.01) for k, v in outputs.items()}
+    graph = tmp_path / "alone.onnx"
+    assert not verify(module, graph, providers="cpu", reference_outputs=memo, bisect=False)
+    assert verify(module, graph, providers="cpu", bisect=False)

@@ -43,3 +43,56 @@ def test_stress_inputs_are_signed_with_outliers_and_a_constant_channel():
     np.testing.assert_array_equal(x, make_feeds([spec], batch_size=3, seed=1)["x"])  # seeded
     ids = make_feeds([InputSpec("ids", np.dtype("int64"), (2, 5))], seed=0)["ids"]
     assert ids.dtype == np.int64 and ids.shape == (2, 5) and ids.min() >= 0
+
+
+def test_reference_memo_answers_only_for_the_same_bytes():
+    from normdeploy.verification.runners import ReferenceMemo
+
+    spec = InputSpec("x", np.dtype("float32"), ("batch", 4))
+    feeds = make_feeds([spec], batch_size=2, seed=0)
+    memo = ReferenceMemo()
+    memo.add(feeds, {"y": np.ones(2, np.float32)}, {"y": np.ones(2)})
+    assert memo.outputs({"x": feeds["x"].copy()})["y"].dtype == np.float32
+    assert memo.outputs(feeds, float64=True)["y"].dtype == np.float64
+    # One element one ulp away, the same values in another dtype or under another name, and
+    # a set whose truth was never recorded: misses, so the caller runs the module itself.
+    changed = feeds["x"].copy()
+    changed[1, 3] = np.nextafter(changed[1, 3], np.float32(np.inf))
+    assert memo.outputs({"x": changed}) is None
+    assert memo.outputs({"x": feeds["x"].astype(np.float64)}) is None
+    assert memo.outputs({"z": feeds["x"]}) is None
+    memo.add({"x": changed}, {"y": np.zeros(2, np.float32)}, None)
+    assert memo.outputs({"x": changed}) is not None
+    assert memo.outputs({"x": changed}, float64=True) is None
+
+
+def test_run_exposed_leaves_the_model_exactly_as_it_was():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normdeploy.verification.probe import run_exposed
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3)).astype(np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "w"], ["h"]),
+                helper.make_node("Relu", ["h"], ["r"]),
+                helper.make_node("Neg", ["r"], ["y"]),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+            [numpy_helper.from_array(w, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    before = model.SerializeToString()
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    # h and r have no value_info: their types come from shape inference.
+    values = run_exposed(model, ["h", "r"], {"x": x})
+    h = x.astype(np.float64) @ w.astype(np.float64)
+    np.testing.assert_allclose(values["h"], h, rtol=1e-6)  # float32 MatMul of 4 terms
+    np.testing.assert_array_equal(values["r"], np.maximum(values["h"], 0))
+    np.testing.assert_array_equal(values["y"], -values["r"])
+    assert model.SerializeToString() == before

@@ -13,9 +13,11 @@ PyTorch only, and its entry says so.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -95,77 +97,11 @@ def classify(
     return Representation(ABSENT, "no node in the graph comes from this module")
 
 
-@dataclass
-class TorchTrace:
-    """Eval-mode inputs and outputs of the norm modules, and the Conv/Linear feeding each."""
-
-    inputs: dict[str, np.ndarray] = field(default_factory=dict)
-    outputs: dict[str, np.ndarray] = field(default_factory=dict)
-    producers: dict[str, str] = field(default_factory=dict)
-
-
 def _first_tensor(value: Any) -> torch.Tensor | None:
     import torch
 
     value = value[0] if isinstance(value, (tuple, list)) and value else value
     return value if isinstance(value, torch.Tensor) else None
-
-
-def trace_norm_modules(
-    module: torch.nn.Module,
-    args: Sequence[Any],
-    paths: Sequence[str],
-    dtype: torch.dtype | None = None,
-) -> TorchTrace:
-    """Run an eval copy once with hooks on the norm modules and on every Conv/Linear; with
-    ``dtype`` (``torch.float64`` for ground truth) the copy and floating inputs are converted."""
-    import torch
-
-    model = copy.deepcopy(module).eval()
-    if dtype is not None:
-        model = model.to(dtype)
-        args = [a.to(dtype) if a.is_floating_point() else a for a in args]
-    wanted = set(paths)
-    trace = TorchTrace()
-    made_by: dict[int, tuple[str, torch.Tensor]] = {}
-    producer_types = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
-
-    def pre_hook(path: str) -> Callable[..., None]:
-        def hook(_mod: torch.nn.Module, inp: Any) -> None:
-            t = _first_tensor(inp)
-            if t is not None:
-                trace.inputs[path] = to_numpy(t)
-                owner = made_by.get(id(t))
-                if owner is not None and owner[1] is t:
-                    trace.producers[path] = owner[0]
-
-        return hook
-
-    def post_hook(path: str) -> Callable[..., None]:
-        def hook(mod: torch.nn.Module, _inp: Any, out: Any) -> None:
-            t = _first_tensor(out)
-            if t is None:
-                return
-            if path in wanted:
-                trace.outputs[path] = to_numpy(t)
-            if isinstance(mod, producer_types):
-                made_by[id(t)] = (path, t)
-
-        return hook
-
-    handles = []
-    for path, mod in model.named_modules():
-        if path in wanted:
-            handles.append(mod.register_forward_pre_hook(pre_hook(path)))
-        if path in wanted or isinstance(mod, producer_types):
-            handles.append(mod.register_forward_hook(post_hook(path)))
-    try:
-        with torch.no_grad(), default_dtype(dtype), user_code("the model's forward"):
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return trace
 
 
 def _module_input_value(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto]) -> str | None:
@@ -195,15 +131,17 @@ class ModulePlan:
 def plan_modules(
     model: onnx.ModelProto,
     norm_modules: Sequence[tuple[str, torch.nn.Module]],
-    trace: TorchTrace,
+    producers: Mapping[str, str],
 ) -> list[ModulePlan]:
-    """Representation and ONNX values of every norm module."""
+    """Representation and ONNX values of every norm module; ``producers``: the Conv/Linear
+    module whose output each norm module read in PyTorch (it decides a fold that left no node
+    of the norm's own)."""
     by_module = nodes_by_module(model.graph)
     outputs_of = module_output_values(model.graph)
     plans = []
     for path, mod in norm_modules:
         kind = norm_kind(mod) or "?"
-        producer = trace.producers.get(path)
+        producer = producers.get(path)
         producer_nodes = by_module.get(producer, []) if producer else []
         rep = classify(kind, by_module.get(path, []), producer_nodes)
         out_value = outputs_of.get(path)
@@ -228,70 +166,330 @@ def _op_floor_reference(module: torch.nn.Module, x: np.ndarray) -> np.ndarray | 
     return out.detach().cpu().numpy() if isinstance(out, torch.Tensor) else None
 
 
-def _confirm(
-    plan: ModulePlan,
-    values: Mapping[str, np.ndarray],
-    trace: TorchTrace,
-    exact: TorchTrace | None,
-    policy: TolerancePolicy,
-    inputs_label: str,
-) -> NormEntry:
-    """Compare one module's ONNX value with PyTorch and with the oracle, each against float64.
+@dataclass
+class _Held:
+    """What one norm module holds until it is judged, and its judgements."""
 
-    Against PyTorch the truth is the float64 trace of the whole model (so the floor carries the
-    float32 rounding accumulated upstream). The oracle is applied to the module's ONNX input
-    when the graph has one (truth: the formula in float64; floor: the module in float32 on that
-    same input), else to the float64 trace's input (floor: the whole-model trace's).
+    calls: int = 0  # how often the float32 forward called it (the last call is the one judged)
+    out32: np.ndarray | None = None
+    in32: np.ndarray | None = None  # kept only where the graph may have no input value
+    onnx_out: np.ndarray | None = None
+    calls64: int = 0
+    in64: np.ndarray | None = None
+    vs_torch: Check | None = None
+    vs_oracle: Check | None = None
+    oracle_note: str = ""  # which input the oracle was applied to, when not the ONNX one
+    oracle_error: str = ""
+    judged: bool = False
+
+
+class Confirmation:
+    """The numerical confirmation of every norm module of ``module`` on one input set, driven
+    by forwards run elsewhere, so that export's check and the census share theirs.
+
+    In order: the float32 forward runs with :meth:`float32_hooks` (each norm module's output
+    is kept, and its input where the graph may have none of its own); :meth:`run_graph` runs
+    the graph once with those modules' values exposed and applies the oracle to every module
+    whose ONNX input it has; the float64 forward runs with :meth:`float64_hooks`, which judges
+    each module against PyTorch as its float64 output arrives and releases that module's
+    values (the oracle goes to the float64 input where the graph has no input value);
+    :meth:`entries` judges what the float64 forward did not reach on the nominal floor and
+    returns one :class:`NormEntry` per module. Each comparison is made once, through the
+    tolerance policy, against the float64 output of the same module (see :func:`_judge_torch`).
     """
-    vs_torch = vs_oracle = None
-    notes: list[str] = []
-    onnx_out = values.get(plan.output_value) if plan.output_value else None
-    torch_out = trace.outputs.get(plan.path)
-    exact_out = None if exact is None else exact.outputs.get(plan.path)
-    if onnx_out is not None and torch_out is not None:
-        comp = policy.compare(f"{plan.path}:torch", torch_out, onnx_out, truth=exact_out)
-        vs_torch = Check(MODULE_VS_TORCH, CPU, inputs_label, comp)
-        gap = oracle_gap(plan.module)
-        oracle_in = values.get(plan.input_value) if plan.input_value else None
-        expected: np.ndarray | None = None
-        if gap is not None:
-            notes.append(
-                f"confirmed against PyTorch only: {gap}, which the oracle does not model"
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        module: torch.nn.Module,
+        feeds: Mapping[str, np.ndarray],
+        policy: TolerancePolicy = DEFAULT_POLICY,
+    ) -> None:
+        self.model = model
+        self.feeds = feeds
+        self.policy = policy
+        self.label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
+        self.norm_modules = [
+            (p, m) for p, m in module.named_modules() if norm_kind(m) is not None
+        ]
+        self.notes: list[str] = []
+        self.plans: list[ModulePlan] = []
+        self._held = {p: _Held() for p, _ in self.norm_modules}
+        self._producers: dict[str, str] = {}
+        self._graph_ran = False
+        # Modules the graph gives no input value (no nodes of their own, folded, absent): the
+        # oracle takes the float64 forward's input, or PyTorch's when there is none, so the
+        # float32 forward keeps it. Nodes decide it without the forward's producers.
+        by_module = nodes_by_module(model.graph)
+        self._no_input = set()
+        for path, mod in self.norm_modules:
+            nodes = by_module.get(path, [])
+            rep = classify(norm_kind(mod) or "?", nodes, []) if nodes else None
+            has_input = (
+                rep is not None
+                and rep.kind not in (FOLDED, ABSENT)
+                and _module_input_value(model, nodes) is not None
             )
-        elif oracle_in is not None:
-            expected = _op_floor_reference(plan.module, oracle_in)
-        elif exact is not None and plan.path in exact.inputs:
-            oracle_in, expected = exact.inputs[plan.path], torch_out
-            notes.append("oracle applied to the float64 trace's input (no ONNX input value)")
-        else:
-            oracle_in = trace.inputs.get(plan.path)
-            notes.append("oracle applied to PyTorch's input (no ONNX input value)")
-        if gap is None and oracle_in is not None:
+            if oracle_gap(mod) is None and not has_input:
+                self._no_input.add(path)
+
+    @property
+    def ran(self) -> bool:
+        """Whether the float32 forward left anything to confirm."""
+        return any(h.out32 is not None for h in self._held.values())
+
+    def args(self) -> list[torch.Tensor]:
+        """The feeds as positional torch arguments (for a module run without a runner)."""
+        return [from_numpy(v) for v in self.feeds.values()]
+
+    # -------------------------------------------------------------- float32 forward
+    @contextlib.contextmanager
+    def float32_hooks(self, model: torch.nn.Module) -> Iterator[None]:
+        """Hooks on ``model`` (``module`` or a copy of it) for its float32 forward on the feeds."""
+        import torch
+
+        held, keep_input = self._held, self._no_input
+        made_by: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
+        producer_types = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+
+        def pre_hook(path: str) -> Callable[..., None]:
+            def hook(_mod: torch.nn.Module, inp: Any) -> None:
+                t = _first_tensor(inp)
+                if t is None:
+                    return
+                if path in keep_input:
+                    held[path].in32 = to_numpy(t)
+                owner = made_by.get(id(t))
+                if owner is not None and owner[1]() is t:
+                    self._producers[path] = owner[0]
+
+            return hook
+
+        def post_hook(path: str) -> Callable[..., None]:
+            def hook(mod: torch.nn.Module, _inp: Any, out: Any) -> None:
+                t = _first_tensor(out)
+                if t is None:
+                    return
+                if path in held:
+                    held[path].out32 = to_numpy(t)  # a copy: an in-place ReLU may follow
+                    held[path].calls += 1
+                if isinstance(mod, producer_types):
+                    # A weak reference: the conv's output must not outlive the forward here.
+                    made_by[id(t)] = (path, weakref.ref(t))
+
+            return hook
+
+        handles = []
+        for path, mod in model.named_modules():
+            if path in held:
+                handles.append(mod.register_forward_pre_hook(pre_hook(path)))
+            if path in held or isinstance(mod, producer_types):
+                handles.append(mod.register_forward_hook(post_hook(path)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def float32_failed(self, exc: BaseException) -> None:
+        """The float32 forward failed: nothing is confirmed, and the note says why."""
+        for h in self._held.values():
+            h.out32 = h.in32 = None
+        self.notes.append(
+            f"PyTorch eval run failed, no numerical confirmation: {first_line(exc)}"
+        )
+
+    # -------------------------------------------------------------------- the graph
+    def run_graph(self, provider: str = CPU) -> None:
+        """Plan every module, run the graph with their values exposed, and judge the modules
+        whose ONNX input the graph has against the oracle; of each module's values only its
+        ONNX output is kept, for the float64 forward."""
+        self.plans = plan_modules(self.model, self.norm_modules, self._producers)
+        wanted = [
+            p
+            for p in self.plans
+            if (p.output_value or p.input_value) and self._held[p.path].out32 is not None
+        ]
+        arrived: set[str] = set()
+        if wanted and self.ran:
+            names = [v for p in wanted for v in (p.output_value, p.input_value) if v]
             try:
-                oracle = module_oracle(plan.module, oracle_in)
-            except (TypeError, ValueError) as exc:
-                notes.append(f"no oracle: {exc}")
+                values = run_exposed(self.model, names, self.feeds, provider)
+            except Exception as exc:  # a graph ORT cannot run still gets its representation
+                self.notes.append(
+                    "onnxruntime could not run the graph with exposed values: "
+                    f"{first_line(exc)}"
+                )
+                values = {}
+            for plan in wanted if values else ():
+                arrived.add(plan.path)
+                self._graph_values(plan, values)
+            values.clear()
+        self._graph_ran = bool(arrived)
+        for plan in self.plans:
+            if plan.path not in arrived:
+                held = self._held[plan.path]
+                held.out32 = held.in32 = held.onnx_out = None
+        if self._graph_ran:
+            self.notes.append(f"numerical confirmation ran on {self.label}")
+
+    def _graph_values(self, plan: ModulePlan, values: Mapping[str, np.ndarray]) -> None:
+        """Keep one module's ONNX output; judge its ONNX input against the oracle now."""
+        held = self._held[plan.path]
+        held.onnx_out = values.get(plan.output_value) if plan.output_value else None
+        if held.onnx_out is None:
+            held.out32 = held.in32 = None
+            return
+        oracle_in = values.get(plan.input_value) if plan.input_value else None
+        if oracle_gap(plan.module) is None and oracle_in is not None:
+            held.in32 = None
+            self._judge_oracle(plan, oracle_in, _op_floor_reference(plan.module, oracle_in))
+
+    @property
+    def needs_float64(self) -> bool:
+        """Whether a module waits for the float64 forward."""
+        return any(h.onnx_out is not None and not h.judged for h in self._held.values())
+
+    # -------------------------------------------------------------- float64 forward
+    @contextlib.contextmanager
+    def float64_hooks(self, model: torch.nn.Module) -> Iterator[None]:
+        """Hooks on a float64 copy of ``module`` for its forward on the feeds: each module is
+        judged when its output (at the call the float32 forward kept) arrives."""
+        held = self._held
+        plans = {p.path: p for p in self.plans}
+        waiting = {p for p, h in held.items() if h.onnx_out is not None and not h.judged}
+
+        def pre_hook(path: str) -> Callable[..., None]:
+            def hook(_mod: torch.nn.Module, inp: Any) -> None:
+                h = held[path]
+                t = _first_tensor(inp)
+                if t is not None and path in self._no_input and h.calls64 + 1 == h.calls:
+                    h.in64 = to_numpy(t)
+
+            return hook
+
+        def post_hook(path: str) -> Callable[..., None]:
+            def hook(_mod: torch.nn.Module, _inp: Any, out: Any) -> None:
+                h = held[path]
+                h.calls64 += 1
+                t = _first_tensor(out)
+                if t is None or h.calls64 != h.calls or h.judged:
+                    return
+                # Judged now, before anything after the module can change the tensor in place.
+                exact = t.detach().cpu().numpy()
+                out32 = h.out32
+                self._judge(
+                    plans[path], exact if out32 is None or exact.shape == out32.shape else None
+                )
+
+            return hook
+
+        handles = []
+        for path, mod in model.named_modules():
+            if path in waiting:
+                handles.append(mod.register_forward_pre_hook(pre_hook(path)))
+                handles.append(mod.register_forward_hook(post_hook(path)))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def float64_failed(self, exc: BaseException) -> None:
+        """The float64 forward failed: modules it did not reach get the nominal floor."""
+        self.notes.append(f"no float64 trace ({first_line(exc)}): nominal floors apply")
+
+    # ------------------------------------------------------------------- judgements
+    def _judge_oracle(
+        self, plan: ModulePlan, oracle_in: np.ndarray, expected: np.ndarray | None
+    ) -> None:
+        """The module's ONNX value against the oracle applied to ``oracle_in``; ``expected``
+        (the module in float32 on the same input) gives the floor."""
+        held = self._held[plan.path]
+        assert held.onnx_out is not None
+        try:
+            oracle = module_oracle(plan.module, oracle_in)
+        except (TypeError, ValueError) as exc:
+            held.oracle_error = f"no oracle: {exc}"
+            return
+        name = f"{plan.path}:oracle"
+        if expected is not None and expected.shape == oracle.shape:
+            comp = self.policy.compare(name, expected, held.onnx_out, truth=oracle)
+        else:  # no float32 counterpart on the same input: the nominal floor
+            comp = self.policy.compare(name, oracle, held.onnx_out)
+        held.vs_oracle = Check(MODULE_VS_ORACLE, CPU, self.label, comp)
+
+    def _judge(self, plan: ModulePlan, exact_out: np.ndarray | None) -> None:
+        """The module's ONNX value against PyTorch (truth: its float64 output, when there is
+        one), and the oracle where the graph gave it no input; then its values are released."""
+        held = self._held[plan.path]
+        assert held.onnx_out is not None and held.out32 is not None
+        comp = self.policy.compare(
+            f"{plan.path}:torch", held.out32, held.onnx_out, truth=exact_out
+        )
+        held.vs_torch = Check(MODULE_VS_TORCH, CPU, self.label, comp)
+        if (
+            oracle_gap(plan.module) is None
+            and held.vs_oracle is None
+            and not held.oracle_error
+        ):
+            # No ONNX input value: the float64 forward's input, else PyTorch's.
+            if held.in64 is not None:
+                held.oracle_note = (
+                    "oracle applied to the float64 trace's input (no ONNX input value)"
+                )
+                self._judge_oracle(plan, held.in64, held.out32)
             else:
-                name = f"{plan.path}:oracle"
-                if expected is not None and expected.shape == oracle.shape:
-                    comp = policy.compare(name, expected, onnx_out, truth=oracle)
-                else:  # no float32 counterpart on the same input: the nominal floor
-                    comp = policy.compare(name, oracle, onnx_out)
-                vs_oracle = Check(MODULE_VS_ORACLE, CPU, inputs_label, comp)
-    elif plan.representation.kind != ABSENT and values:
-        notes.append("no ONNX value for this module's output")
-    rep = plan.representation
-    return NormEntry(
-        module_path=plan.path,
-        module_class=type(plan.module).__name__,
-        kind=plan.kind,
-        representation=rep.kind,
-        detail=rep.detail,
-        nodes=tuple(node_label(n) for n in rep.nodes),
-        vs_torch=vs_torch,
-        vs_oracle=vs_oracle,
-        note="; ".join(notes),
-    )
+                held.oracle_note = "oracle applied to PyTorch's input (no ONNX input value)"
+                if held.in32 is not None:
+                    self._judge_oracle(plan, held.in32, None)
+        held.judged = True
+        held.out32 = held.in32 = held.in64 = held.onnx_out = None
+
+    def result(self) -> tuple[list[NormEntry], list[str]]:
+        """The entries (:meth:`entries`) and the confirmation's notes."""
+        if not self.norm_modules:
+            return [], ["the PyTorch module has no normalization layers"]
+        return self.entries(), list(self.notes)
+
+    def entries(self) -> list[NormEntry]:
+        """One entry per norm module, in the module's order (modules the float64 forward did
+        not judge are judged now, on the nominal floor)."""
+        plans = self.plans or plan_modules(self.model, self.norm_modules, self._producers)
+        out = []
+        for plan in plans:
+            held = self._held[plan.path]
+            if held.onnx_out is not None and held.out32 is not None and not held.judged:
+                self._judge(plan, None)
+            notes = []
+            if held.vs_torch is not None:
+                gap = oracle_gap(plan.module)
+                if gap is not None:
+                    notes.append(
+                        f"confirmed against PyTorch only: {gap}, which the oracle does not "
+                        "model"
+                    )
+                elif held.oracle_note:
+                    notes.append(held.oracle_note)
+                if held.oracle_error:
+                    notes.append(held.oracle_error)
+            elif plan.representation.kind != ABSENT and self._graph_ran:
+                notes.append("no ONNX value for this module's output")
+            rep = plan.representation
+            out.append(
+                NormEntry(
+                    module_path=plan.path,
+                    module_class=type(plan.module).__name__,
+                    kind=plan.kind,
+                    representation=rep.kind,
+                    detail=rep.detail,
+                    nodes=tuple(node_label(n) for n in rep.nodes),
+                    vs_torch=held.vs_torch,
+                    vs_oracle=held.vs_oracle,
+                    note="; ".join(notes),
+                )
+            )
+        return out
 
 
 def module_entries(
@@ -302,38 +500,33 @@ def module_entries(
 ) -> tuple[list[NormEntry], list[str]]:
     """One confirmed :class:`NormEntry` per norm module of ``module``, and notes;
     ``make_feeds`` makes the confirmation run's inputs (called only when there are norm
-    modules, and then before anything else runs)."""
+    modules, and then before anything else runs). The forwards run on one eval copy of
+    ``module``, converted to float64 in place for the second."""
     import torch
 
-    norm_modules = [(p, m) for p, m in module.named_modules() if norm_kind(m) is not None]
-    if not norm_modules:
+    if not any(norm_kind(m) is not None for m in module.modules()):
         return [], ["the PyTorch module has no normalization layers"]
-    notes: list[str] = []
-    feeds = make_feeds()
-    label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
-    args = [from_numpy(v) for v in feeds.values()]
-    paths = [p for p, _ in norm_modules]
+    conf = Confirmation(model, module, make_feeds(), policy)
+    args = conf.args()
+    model32 = copy.deepcopy(module).eval()
     try:
-        trace = trace_norm_modules(module, args, paths)
+        with conf.float32_hooks(model32), torch.no_grad(), user_code("the model's forward"):
+            model32(*args)
     except Exception as exc:
-        notes.append(f"PyTorch eval run failed, no numerical confirmation: {first_line(exc)}")
-        trace = TorchTrace()
-    exact: TorchTrace | None = None
-    if trace.outputs:
+        conf.float32_failed(exc)
+    conf.run_graph()
+    if conf.needs_float64:
         try:
-            exact = trace_norm_modules(module, args, paths, torch.float64)
+            model64 = model32.to(torch.float64)  # the float32 copy is done: convert in place
+            args64 = [a.to(torch.float64) if a.is_floating_point() else a for a in args]
+            with (
+                conf.float64_hooks(model64),
+                torch.no_grad(),
+                default_dtype(torch.float64),
+                user_code("the model's forward"),
+            ):
+                model64(*args64)
         except Exception as exc:  # a module that cannot run in float64: nominal floors
-            notes.append(f"no float64 trace ({first_line(exc)}): nominal floors apply")
-    plans = plan_modules(model, norm_modules, trace)
-    wanted = [v for p in plans for v in (p.output_value, p.input_value) if v]
-    values: dict[str, np.ndarray] = {}
-    if wanted and trace.outputs:
-        try:
-            values = run_exposed(model, wanted, feeds, CPU)
-        except Exception as exc:  # a graph ORT cannot run still gets its representation
-            notes.append(
-                f"onnxruntime could not run the graph with exposed values: {first_line(exc)}"
-            )
-    if values:
-        notes.append(f"numerical confirmation ran on {label}")
-    return [_confirm(p, values, trace, exact, policy, label) for p in plans], notes
+            conf.float64_failed(exc)
+    del model32
+    return conf.entries(), conf.notes

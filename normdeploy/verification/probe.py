@@ -8,9 +8,10 @@ module is untouched).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +20,7 @@ import onnx
 
 from normdeploy.budget import check_allocation
 from normdeploy.errors import user_code
-from normdeploy.onnx_graph import np_dtype, value_shape
+from normdeploy.onnx_graph import inferred_value_infos, np_dtype, value_shape
 from normdeploy.scopes import node_module_path
 from normdeploy.verification.runners import CPU, OrtRunner, default_dtype, to_numpy
 
@@ -27,29 +28,44 @@ if TYPE_CHECKING:
     import torch
 
 
-def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the given intermediate values."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    existing = {o.name for o in out.graph.output}
+def _exposed_infos(model: onnx.ModelProto, names: Iterable[str]) -> list[onnx.ValueInfoProto]:
+    """A graph output for each value of ``names`` the graph does not output already, typed
+    from its declared value_info or, failing that, shape inference on a weight-free copy."""
+    existing = {o.name for o in model.graph.output}
     wanted = [n for n in dict.fromkeys(names) if n and n not in existing]
-    if not wanted:
-        return out
-    known = {vi.name: vi for vi in out.graph.value_info}
+    known = {vi.name: vi for vi in model.graph.value_info}
     if any(n not in known for n in wanted):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(out, strict_mode=False)
-            known.update({vi.name: vi for vi in inferred.graph.value_info})
-        except Exception:  # inference is best effort; untyped outputs still run in ORT
-            pass
+        known.update((k, v) for k, v in inferred_value_infos(model).items() if k not in known)
+    infos = []
     for name in wanted:
         vi = onnx.ValueInfoProto()
         if name in known:
             vi.CopyFrom(known[name])
-        else:
-            vi.name = name
-        out.graph.output.append(vi)
+        vi.name = name
+        infos.append(vi)
+    return infos
+
+
+def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs the given intermediate values."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.output.extend(_exposed_infos(model, names))
     return out
+
+
+@contextlib.contextmanager
+def values_exposed(model: onnx.ModelProto, names: Iterable[str]) -> Iterator[onnx.ModelProto]:
+    """``model`` itself with the given values added to its graph outputs while the block
+    runs, and exactly as it was after: no copy of its weights (a large model's session is
+    made from ``SerializeToString()`` inside the block)."""
+    graph_outputs = model.graph.output
+    before = len(graph_outputs)
+    graph_outputs.extend(_exposed_infos(model, names))
+    try:
+        yield model
+    finally:
+        del graph_outputs[before:]
 
 
 def exposed_value_bytes(
@@ -91,12 +107,16 @@ def run_exposed(
 ) -> dict[str, np.ndarray]:
     """Run ``model`` with intermediate values exposed; their bytes are checked against the
     memory budget first (they are all held at once)."""
-    exposed = expose_values(model, names)
-    check_allocation(
-        f"{len(names)} intermediate value(s) exposed for comparison",
-        exposed_value_bytes(exposed, names, feeds),
-    )
-    return OrtRunner(exposed, provider).infer(feeds)
+    with values_exposed(model, names) as exposed:
+        check_allocation(
+            f"{len(names)} intermediate value(s) exposed for comparison",
+            exposed_value_bytes(exposed, names, feeds),
+        )
+        data = exposed.SerializeToString()
+    session = OrtRunner(data, provider).session
+    del data  # the session has its own copy of the weights
+    outputs = [o.name for o in session.get_outputs()]
+    return dict(zip(outputs, session.run(outputs, dict(feeds)), strict=True))
 
 
 def module_output_values(graph: onnx.GraphProto) -> dict[str, str]:

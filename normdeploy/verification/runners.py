@@ -262,6 +262,25 @@ def named_module_outputs(
     return [(name, to_numpy(t)) for name, t in outputs]
 
 
+def torch_args(
+    module: torch.nn.Module,
+    input_names: Sequence[str],
+    feeds: Mapping[str, np.ndarray],
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> list[torch.Tensor]:
+    """``feeds`` as ``module``'s positional arguments, in ``input_names`` order; floating ones
+    cast to ``dtype``, else to the module's parameter dtype."""
+    dtype = dtype or module_float_dtype(module)
+    out = []
+    for name in input_names:
+        t = from_numpy(feeds[name])
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        out.append(t.to(device))
+    return out
+
+
 @dataclass
 class TorchRunner:
     """Runs a deep copy of ``module`` in eval mode, no_grad, on ``device``: ``infer(feeds)``.
@@ -271,6 +290,10 @@ class TorchRunner:
     returns a dict whose keys are those names (in any order), else by position. With
     ``dtype`` (``torch.float64`` for ground truth) the copy's floating parameters and buffers
     are converted to it and tensors the forward creates default to it.
+
+    ``owned=True`` hands ``module`` over instead: a private eval copy nobody else runs (export's
+    own) is run as it is, and with ``dtype`` converted in place, so that a float64 reference
+    costs no second copy of the weights.
     """
 
     module: torch.nn.Module
@@ -278,23 +301,25 @@ class TorchRunner:
     output_names: Sequence[str] | None = None
     device: str = "cpu"
     dtype: torch.dtype | None = None
+    owned: bool = False
     _model: Any = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        model = copy_module(self.module, self.dtype).eval()
+        if self.owned:
+            model = self.module if self.dtype is None else self.module.to(self.dtype)
+        else:
+            model = copy_module(self.module, self.dtype)
+        model = model.eval()
         self._model = model if self.device == "cpu" else model.to(self.device)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The module this runner runs (its copy, or the module it owns)."""
+        return self._model
 
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
-
-        dtype = self.dtype or module_float_dtype(self._model)
-        out = []
-        for name in self.input_names:
-            t = from_numpy(feeds[name])
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            out.append(t.to(self.device))
-        return out
+        return torch_args(self._model, self.input_names, feeds, self.dtype, self.device)
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         with default_dtype(self.dtype):
@@ -311,6 +336,46 @@ class TorchRunner:
                 f"{len(names)} output(s) ({', '.join(names)}); are these the same model?"
             )
         return dict(zip(names, arrays, strict=True))
+
+
+def feeds_key(feeds: Mapping[str, np.ndarray]) -> tuple[Any, ...]:
+    """A key equal for two feed dicts exactly when their names, shapes, dtypes and bytes are."""
+    import hashlib
+
+    return tuple(
+        (name, a.shape, a.dtype.str, hashlib.sha1(np.ascontiguousarray(a).data).hexdigest())
+        for name, a in sorted(feeds.items())
+    )
+
+
+@dataclass
+class ReferenceMemo:
+    """A module's float32 outputs and float64 truth on input sets it already ran on, so that a
+    later comparison with the same module on the same inputs (``deploy``'s verify after its
+    export check) reuses them instead of copying and running the module again. Looked up by
+    the inputs' bytes (:func:`feeds_key`): a different input is a miss, never a wrong hit."""
+
+    expected: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
+    truth: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
+    train_mode: Any = None  # the module's TrainModeReport, when one was taken
+
+    def add(
+        self,
+        feeds: Mapping[str, np.ndarray],
+        expected: Mapping[str, np.ndarray],
+        truth: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        key = feeds_key(feeds)
+        self.expected[key] = dict(expected)
+        if truth is not None:
+            self.truth[key] = dict(truth)
+
+    def outputs(
+        self, feeds: Mapping[str, np.ndarray], float64: bool = False
+    ) -> dict[str, np.ndarray] | None:
+        """The recorded outputs (float64 truth with ``float64``) on ``feeds``, or None."""
+        table = self.truth if float64 else self.expected
+        return table.get(feeds_key(feeds)) if table else None
 
 
 def copy_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -103,8 +103,10 @@ from normdeploy.verification.runners import (
     CPU,
     CUDA,
     OrtRunner,
+    ReferenceMemo,
     TorchRunner,
     resolve_providers,
+    torch_args,
 )
 
 if TYPE_CHECKING:
@@ -256,6 +258,38 @@ class _Reference:
     graph64: Float64Graph | None = None
     input_pairing: OutputPairing | None = None
     recorded: RecordedRun | None = None
+    # A PyTorch reference: its input names, and outputs it already gave on some inputs. Its
+    # runners (each a copy of the module) are made when an input set first needs them.
+    input_names: list[str] = field(default_factory=list)
+    memo: ReferenceMemo | None = None
+    _no_float64: bool = False
+
+    def runner32(self) -> TorchRunner | None:
+        if self.torch32 is None and self.module is not None:
+            self.torch32 = TorchRunner(self.module, self.input_names, self.output_names)
+        return self.torch32
+
+    def runner64(self) -> TorchRunner | None:
+        import torch
+
+        if self.torch64 is None and self.module is not None and not self._no_float64:
+            try:
+                self.torch64 = TorchRunner(
+                    self.module, self.input_names, self.output_names, dtype=torch.float64
+                )
+            except Exception as exc:  # e.g. a parameter type that cannot be float64
+                self._no_float64 = True
+                self.notes.append(
+                    f"no float64 copy of the module ({first_line(exc)}): nominal floors"
+                )
+        return self.torch64
+
+    def _memo(self, fs: FeedSet, float64: bool) -> Outputs | None:
+        """The module's outputs on ``fs`` when the memo has them under this graph's names."""
+        hit = None if self.memo is None else self.memo.outputs(fs.feeds, float64)
+        if hit is None or sorted(hit) != sorted(self.output_names):
+            return None
+        return {name: hit[name] for name in self.output_names}
 
     def feeds_for(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The candidate's feeds under the reference's input names."""
@@ -266,9 +300,14 @@ class _Reference:
     def expected(self, fs: FeedSet, provider: str) -> Outputs:
         if self.recorded is not None:
             return _recorded_set(self.recorded, fs.label).expected
-        if self.torch32 is not None:
+        if self.module is not None:
+            hit = self._memo(fs, float64=False)
+            if hit is not None:
+                return hit
+            runner = self.runner32()
+            assert runner is not None
             try:
-                return self.torch32.infer(fs.feeds)
+                return runner.infer(fs.feeds)
             except InvalidArgumentError:
                 raise
             except Exception as exc:
@@ -282,11 +321,16 @@ class _Reference:
         """Float64 outputs on ``fs``; None (with a note, once) when there are none."""
         if self.recorded is not None:
             return _recorded_set(self.recorded, fs.label).truth
-        if self.torch64 is not None:
+        hit = self._memo(fs, float64=True)
+        if hit is not None:
+            return hit
+        if self.runner64() is not None:
+            assert self.torch64 is not None
             try:
                 return self.torch64.infer(fs.feeds)
             except Exception as exc:  # a module that cannot run in float64: nominal floors
                 self.torch64 = None
+                self._no_float64 = True
                 self.notes.append(
                     f"the float64 copy of the module fails ({type(exc).__name__}: "
                     f"{first_line(exc, 160)}): nominal floors apply"
@@ -365,16 +409,15 @@ def _torch_reference(
     input_names: list[str],
     output_names: list[str],
     providers: Sequence[str],
+    memo: ReferenceMemo | None = None,
 ) -> _Reference:
     import torch
 
     module, examples, label = _resolve_module(reference, weights)
-    ref = _Reference(label, "pytorch", list(output_names), module=module, examples=examples)
-    ref.torch32 = TorchRunner(module, input_names, output_names)
-    try:
-        ref.torch64 = TorchRunner(module, input_names, output_names, dtype=torch.float64)
-    except Exception as exc:  # e.g. a parameter type that cannot be float64
-        ref.notes.append(f"no float64 copy of the module ({first_line(exc)}): nominal floors")
+    ref = _Reference(
+        label, "pytorch", list(output_names), module=module, examples=examples,
+        input_names=list(input_names), memo=memo,
+    )  # fmt: skip
     if CUDA in providers:
         if torch.cuda.is_available():
             ref.torch_cuda = TorchRunner(module, input_names, output_names, "cuda")
@@ -606,9 +649,10 @@ def _bisect(
     label = culprit.inputs.split(" vs ")[0].split("[")[0] if culprit is not None else ""
     fs = next((f for f in sets if f.label == label), sets[0])
     try:
-        if ref.module is not None and ref.torch32 is not None:
+        runner = ref.runner32()
+        if ref.module is not None and runner is not None:
             return bisection.bisect_module(
-                candidate, ref.module, fs.feeds, ref.torch32.args(fs.feeds),
+                candidate, ref.module, fs.feeds, runner.args(fs.feeds),
                 provider=provider, inputs_label=fs.label,
             )  # fmt: skip
         if ref.model is not None:
@@ -679,6 +723,7 @@ def verify(
     batch_axis: BatchAxis | None = None,
     save_run: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    reference_outputs: ReferenceMemo | None = None,
 ) -> VerifyResult:
     """Compare ``onnx_model`` with ``reference`` on every provider; see the module docstring.
 
@@ -689,7 +734,9 @@ def verify(
     sizes at which the graph runs are probed for the rest. ``batch_sizes`` default to the batch
     of ``input_shapes`` when it gives one, else (1, 3). ``save_run`` writes the inputs,
     reference outputs, truth and floors to an ``.npz`` (refusing an existing file unless
-    ``overwrite``). The result is falsy on any mismatch; it never raises for one.
+    ``overwrite``). ``reference_outputs``: the PyTorch reference's outputs on inputs it already
+    ran on (``ExportResult.reference``), used where an input set is byte-for-byte one of those.
+    The result is falsy on any mismatch; it never raises for one.
     """
     check_verify_arguments(
         providers=providers, batch_sizes=batch_sizes, inputs=inputs, tolerance=tolerance,
@@ -733,8 +780,9 @@ def verify(
         ref = _onnx_reference(reference, specs, list(runners), cand_label)
     else:
         ref = _torch_reference(
-            reference, weights, [s.name for s in specs], cand_outputs, list(runners)
-        )
+            reference, weights, [s.name for s in specs], cand_outputs, list(runners),
+            reference_outputs,
+        )  # fmt: skip
     pairing = pair_outputs(ref.output_names, cand_outputs)
     if pairing is not None and ref.kind != "pytorch":  # PyTorch outputs have no names
         notes.append(pairing.describe())
@@ -782,9 +830,13 @@ def verify(
         checks += _batch_checks(b_run, a_run, plan, pairing, floors, policy)
 
     train_mode = None
-    if ref.module is not None and ref.torch32 is not None:
+    if ref.memo is not None and ref.memo.train_mode is not None:
+        train_mode = ref.memo.train_mode  # taken by whoever ran the module before
+    elif ref.module is not None:
         big = batched_fs or sets[0]
-        train_mode = training_report(ref.module, ref.torch32.args(big.feeds))
+        train_mode = training_report(
+            ref.module, torch_args(ref.module, ref.input_names, big.feeds)
+        )
 
     result = VerifyResult(
         reference=ref.label,
