@@ -365,6 +365,41 @@ def test_a_failed_export_check_writes_no_graph_unless_kept(tmp_path, keep_failed
         np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-4)
 
 
+class _Float32Projection(nn.Module):
+    """Conv → BatchNorm → pool, a projection by a plain float32 tensor attribute (not a
+    parameter or buffer), LayerNorm: the module runs in float32 only; in float64 it fails
+    between its two norms."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.proj = torch.randn(8, 5)
+        self.ln = nn.LayerNorm(5)
+
+    def forward(self, x):
+        return self.ln(self.bn(self.conv(x)).mean(dim=(2, 3)) @ self.proj)
+
+
+def test_a_module_that_fails_in_float64_is_judged_on_nominal_floors(tmp_path) -> None:
+    torch.manual_seed(0)
+    module = _Float32Projection().eval()
+    result = export(module, torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    assert result, result.to_text()
+    assert any("float64 copy of the module fails" in n for n in result.notes)
+    rules = {c.comparison.rule for group in result.batch_checks for c in group.checks}
+    assert rules == {"nominal"}
+    # The census rode on the same forwards. The BatchNorm ran in float64 before the
+    # projection failed: its own float64 output is its truth. The LayerNorm after it never
+    # got one: nominal floor. The note says what failed.
+    assert any("the float64 forward failed" in n for n in result.census.notes)
+    rule = {e.module_path: e.vs_torch.comparison.rule for e in result.census.entries}
+    assert rule == {"bn": "float64", "ln": "nominal"}
+    # The caller's module is untouched: still float32, still runs.
+    assert module.conv.weight.dtype == torch.float32
+    module(torch.randn(1, 3, 8, 8))
+
+
 # ------------------------------------------------------------------- dynamic axes, names
 
 

@@ -397,7 +397,10 @@ class Confirmation:
 
     def float64_failed(self, exc: BaseException) -> None:
         """The float64 forward failed: modules it did not reach get the nominal floor."""
-        self.notes.append(f"no float64 trace ({first_line(exc)}): nominal floors apply")
+        self.notes.append(
+            f"the float64 forward failed ({first_line(exc)}): modules it had not reached are "
+            "judged on nominal floors"
+        )
 
     # ------------------------------------------------------------------- judgements
     def _judge_oracle(
