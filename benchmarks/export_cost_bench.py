@@ -15,11 +15,20 @@ Medians of wall time and peak RSS, and their ratios.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 from pathlib import Path
 
-from _common import BUILD, PY, ProcessRun, fmt_bytes, fmt_ratio, fmt_s, markdown_table, median
+from _common import (
+    BUILD,
+    PY,
+    ProcessRun,
+    fmt_bytes,
+    fmt_ratio,
+    fmt_s,
+    loadavg_1m,
+    markdown_table,
+    median,
+)
 from _common import run_process as run
 
 MODELS = ("resnet18", "densenet121")
@@ -98,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     args = parser.parse_args(argv)
     table = []
-    load = os.getloadavg()[0]
+    load = loadavg_1m()
     for model in args.models:
         table += rows(model, bench(model, args.rounds))
     print(
         f"#### export and deploy on real-sized models (median of {args.rounds} interleaved "
-        f"whole-process rounds; load average {load:.2f} before, {os.getloadavg()[0]:.2f} "
+        f"whole-process rounds; load average {load:.2f} before, {loadavg_1m():.2f} "
         "after)\n"
     )
     print(

@@ -799,9 +799,12 @@ def _export_checks(
     failed: dict[str, Check] = {}
     ran_torch = False
 
-    def hooked(check: _CheckSet, hooks: Any) -> Any:
-        confirm = confirmation is not None and check is sets[0]
-        return hooks(eval32.model) if confirm else contextlib.nullcontext()
+    def confirming(check: _CheckSet, float64: bool) -> contextlib.AbstractContextManager[None]:
+        """The census's hooks on the first set's forward (float32 or float64), else none."""
+        if confirmation is None or check is not sets[0]:
+            return contextlib.nullcontext()
+        hooks = confirmation.float64_hooks if float64 else confirmation.float32_hooks
+        return hooks(eval_module)
 
     for check in sets:
         fs, label, batch = check.feeds, check.key, check.feeds.batch_size
@@ -823,7 +826,7 @@ def _export_checks(
             continue
         if expected is None:
             try:
-                with hooked(check, confirmation and confirmation.float32_hooks):
+                with confirming(check, float64=False):
                     expected = eval32.infer(fs.feeds)
             except InvalidArgumentError as exc:  # another number of outputs than the graph
                 failed[label] = failed_check(
@@ -851,7 +854,7 @@ def _export_checks(
             eval64 = TorchRunner(eval_module, names, outputs, dtype=torch.float64, owned=True)
             for check in sets:
                 if check.key in done:
-                    with hooked(check, confirmation and confirmation.float64_hooks):
+                    with confirming(check, float64=True):
                         truths[check.key] = eval64.infer(check.feeds.feeds)
                     if check is sets[0]:
                         release_memory()

@@ -20,7 +20,7 @@ from normdeploy.budget import (
 from normdeploy.errors import InvalidArgumentError, ResourceLimitError
 from normdeploy.onnx_graph import graph_input_specs
 from normdeploy.verification.feeds import check_feed_memory, make_feeds
-from normdeploy.verification.probe import expose_values, exposed_value_bytes
+from normdeploy.verification.probe import exposed_value_bytes, values_exposed
 
 
 @pytest.mark.parametrize(
@@ -104,15 +104,15 @@ def test_exposed_value_estimate_matches_the_values_onnxruntime_returns():
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    exposed = expose_values(model, ["h", "c"])
     feeds = {"x": np.ones((7, 3, 4), np.float32)}
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(
-        exposed.SerializeToString(), providers=["CPUExecutionProvider"]
-    )
-    values = dict(
-        zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True)
-    )
-    expected = values["h"].nbytes + values["c"].nbytes
-    assert exposed_value_bytes(exposed, ["h", "c"], feeds) == expected
+    with values_exposed(model, ["h", "c"]) as exposed:
+        sess = ort.InferenceSession(
+            exposed.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        values = dict(
+            zip([o.name for o in sess.get_outputs()], sess.run(None, feeds), strict=True)
+        )
+        expected = values["h"].nbytes + values["c"].nbytes
+        assert exposed_value_bytes(exposed, ["h", "c"], feeds) == expected

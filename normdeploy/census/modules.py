@@ -25,7 +25,7 @@ import onnx
 
 from normdeploy.census.patterns import DECOMPOSITION, GROUPNORM_TRICK
 from normdeploy.census.results import ABSENT, FOLDED, NormEntry
-from normdeploy.errors import first_line, user_code
+from normdeploy.errors import first_line
 from normdeploy.onnx_graph import node_label
 from normdeploy.reference import module_oracle, norm_kind, oracle_gap
 from normdeploy.scopes import nodes_by_module, rewrite_rules
@@ -37,7 +37,7 @@ from normdeploy.verification.compare import (
     TolerancePolicy,
 )
 from normdeploy.verification.probe import module_output_values, run_exposed
-from normdeploy.verification.runners import CPU, default_dtype, from_numpy, to_numpy
+from normdeploy.verification.runners import CPU, TorchRunner, forward_hooks, to_numpy
 
 if TYPE_CHECKING:
     import torch
@@ -238,10 +238,6 @@ class Confirmation:
         """Whether the float32 forward left anything to confirm."""
         return any(h.out32 is not None for h in self._held.values())
 
-    def args(self) -> list[torch.Tensor]:
-        """The feeds as positional torch arguments (for a module run without a runner)."""
-        return [from_numpy(v) for v in self.feeds.values()]
-
     # -------------------------------------------------------------- float32 forward
     @contextlib.contextmanager
     def float32_hooks(self, model: torch.nn.Module) -> Iterator[None]:
@@ -279,17 +275,16 @@ class Confirmation:
 
             return hook
 
-        handles = []
-        for path, mod in model.named_modules():
-            if path in held:
-                handles.append(mod.register_forward_pre_hook(pre_hook(path)))
-            if path in held or isinstance(mod, producer_types):
-                handles.append(mod.register_forward_hook(post_hook(path)))
-        try:
+        with forward_hooks(
+            model,
+            pre={path: pre_hook(path) for path in held},
+            post={
+                path: post_hook(path)
+                for path, mod in model.named_modules()
+                if path in held or isinstance(mod, producer_types)
+            },
+        ):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def float32_failed(self, exc: BaseException) -> None:
         """The float32 forward failed: nothing is confirmed, and the note says why."""
@@ -384,16 +379,12 @@ class Confirmation:
 
             return hook
 
-        handles = []
-        for path, mod in model.named_modules():
-            if path in waiting:
-                handles.append(mod.register_forward_pre_hook(pre_hook(path)))
-                handles.append(mod.register_forward_hook(post_hook(path)))
-        try:
+        with forward_hooks(
+            model,
+            pre={path: pre_hook(path) for path in waiting},
+            post={path: post_hook(path) for path in waiting},
+        ):
             yield
-        finally:
-            for h in handles:
-                h.remove()
 
     def float64_failed(self, exc: BaseException) -> None:
         """The float64 forward failed: modules it did not reach get the nominal floor."""
@@ -510,26 +501,20 @@ def module_entries(
     if not any(norm_kind(m) is not None for m in module.modules()):
         return [], ["the PyTorch module has no normalization layers"]
     conf = Confirmation(model, module, make_feeds(), policy)
-    args = conf.args()
-    model32 = copy.deepcopy(module).eval()
+    names = list(conf.feeds)
+    model32 = copy.deepcopy(module)
     try:
-        with conf.float32_hooks(model32), torch.no_grad(), user_code("the model's forward"):
-            model32(*args)
+        with conf.float32_hooks(model32):
+            TorchRunner(model32, names, owned=True).infer(conf.feeds)
     except Exception as exc:
         conf.float32_failed(exc)
     conf.run_graph()
     if conf.needs_float64:
-        try:
-            model64 = model32.to(torch.float64)  # the float32 copy is done: convert in place
-            args64 = [a.to(torch.float64) if a.is_floating_point() else a for a in args]
-            with (
-                conf.float64_hooks(model64),
-                torch.no_grad(),
-                default_dtype(torch.float64),
-                user_code("the model's forward"),
-            ):
-                model64(*args64)
+        try:  # the float32 copy is done: the float64 forward converts it in place
+            runner64 = TorchRunner(model32, names, dtype=torch.float64, owned=True)
+            with conf.float64_hooks(model32):
+                runner64.infer(conf.feeds)
         except Exception as exc:  # a module that cannot run in float64: nominal floors
             conf.float64_failed(exc)
     del model32
-    return conf.entries(), conf.notes
+    return conf.result()

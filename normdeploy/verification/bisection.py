@@ -1,6 +1,6 @@
 """Bisection: find where an ONNX graph starts to disagree with its reference.
 
-Intermediate ONNX values become extra outputs (:func:`probe.expose_values`); each is compared
+Intermediate ONNX values become extra outputs (:func:`probe.values_exposed`); each is compared
 with the reference value it stands for, in the reference's execution order:
 
 - against PyTorch: the output of the module it came from (forward hooks; module paths from the

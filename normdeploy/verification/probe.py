@@ -1,9 +1,9 @@
 """Look inside both sides: intermediate ONNX values and PyTorch module outputs.
 
 Used by ``inspect`` (confirm each LayerNorm/GroupNorm numerically) and by ``verify``'s
-bisection. ONNX values become extra graph outputs on a copy of the model; PyTorch module
-outputs are caught with forward hooks on a deep copy of the module in eval mode (the caller's
-module is untouched).
+bisection. ONNX values become extra graph outputs of the model while its session is made;
+PyTorch module outputs are caught with forward hooks on a deep copy of the module in eval mode
+(the caller's module is untouched).
 """
 
 from __future__ import annotations
@@ -22,7 +22,13 @@ from normdeploy.budget import check_allocation
 from normdeploy.errors import user_code
 from normdeploy.onnx_graph import inferred_value_infos, np_dtype, value_shape
 from normdeploy.scopes import node_module_path
-from normdeploy.verification.runners import CPU, OrtRunner, default_dtype, to_numpy
+from normdeploy.verification.runners import (
+    CPU,
+    OrtRunner,
+    default_dtype,
+    forward_hooks,
+    to_numpy,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -44,14 +50,6 @@ def _exposed_infos(model: onnx.ModelProto, names: Iterable[str]) -> list[onnx.Va
         vi.name = name
         infos.append(vi)
     return infos
-
-
-def expose_values(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs the given intermediate values."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    out.graph.output.extend(_exposed_infos(model, names))
-    return out
 
 
 @contextlib.contextmanager
@@ -198,11 +196,12 @@ def trace_module_calls(
 
         return hook
 
-    handles = [m.register_forward_hook(hook_for(p)) for p, m in model.named_modules()]
-    try:
-        with torch.no_grad(), default_dtype(dtype), user_code("the model's forward"):
-            model(*inputs)
-    finally:
-        for h in handles:
-            h.remove()
+    hooks = {p: hook_for(p) for p, _ in model.named_modules()}
+    with (
+        forward_hooks(model, post=hooks),
+        torch.no_grad(),
+        default_dtype(dtype),
+        user_code("the model's forward"),
+    ):
+        model(*inputs)
     return [ModuleCall(p, classes[p], out, counts[p]) for p, out in firsts.items()]

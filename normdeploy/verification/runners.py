@@ -13,7 +13,7 @@ import contextlib
 import copy
 import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -312,11 +312,6 @@ class TorchRunner:
         model = model.eval()
         self._model = model if self.device == "cpu" else model.to(self.device)
 
-    @property
-    def model(self) -> torch.nn.Module:
-        """The module this runner runs (its copy, or the module it owns)."""
-        return self._model
-
     def args(self, feeds: Mapping[str, np.ndarray]) -> list[torch.Tensor]:
         """The positional torch arguments for ``feeds``."""
         return torch_args(self._model, self.input_names, feeds, self.dtype, self.device)
@@ -395,6 +390,28 @@ def copy_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> to
         if buffer.is_floating_point():
             memo[id(buffer)] = buffer.detach().to(dtype, copy=True)
     return copy.deepcopy(module, memo)
+
+
+@contextlib.contextmanager
+def forward_hooks(
+    model: torch.nn.Module,
+    pre: Mapping[str, Callable[..., Any]] | None = None,
+    post: Mapping[str, Callable[..., Any]] | None = None,
+) -> Iterator[None]:
+    """Forward pre-hooks (``pre``) and forward hooks (``post``) on ``model``'s submodules, by
+    module path, for the duration of the block; removed however it ends."""
+    pre, post = pre or {}, post or {}
+    handles = []
+    try:
+        for path, mod in model.named_modules():
+            if path in pre:
+                handles.append(mod.register_forward_pre_hook(pre[path]))
+            if path in post:
+                handles.append(mod.register_forward_hook(post[path]))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextlib.contextmanager

@@ -324,10 +324,10 @@ class _Reference:
         hit = self._memo(fs, float64=True)
         if hit is not None:
             return hit
-        if self.runner64() is not None:
-            assert self.torch64 is not None
+        runner = self.runner64()
+        if runner is not None:
             try:
-                return self.torch64.infer(fs.feeds)
+                return runner.infer(fs.feeds)
             except Exception as exc:  # a module that cannot run in float64: nominal floors
                 self.torch64 = None
                 self._no_float64 = True
