@@ -2,7 +2,7 @@
 
 import sys
 
-from normdeploy.cli import main
+from normdeploy.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

@@ -52,6 +52,29 @@ def test_cli_py_runs_as_a_script():
     assert "conv_bn_relu" in proc.stdout and "BatchNorm2d" in proc.stdout
 
 
+def test_the_process_entry_skips_the_collector_at_teardown_and_still_flushes():
+    """The entry point freezes what is alive before the interpreter tears down (no cyclic
+    collection over the exporter's objects at exit); its exit code, output and atexit handlers
+    are main's."""
+    code = (
+        "import atexit, gc, sys\n"
+        "from normdeploy.cli import entry\n"
+        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "sys.argv = ['cli.py', 'models']\n"
+        "sys.exit(entry())\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "conv_bn_relu" in proc.stdout and proc.stdout.rstrip().endswith("frozen True")
+    bad = subprocess.run(
+        [sys.executable, "cli.py", "inspect", str(ROOT / "no-such.onnx")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+
+
 @pytest.mark.parametrize(
     ("library", "cli"),
     [

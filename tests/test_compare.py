@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from normdeploy.onnx_graph import InputSpec
+from normdeploy.verification import compare
 from normdeploy.verification.compare import (
     CUDA_FLOOR,
     FLOOR_MIN,
@@ -141,3 +142,73 @@ def test_floors_pool_over_input_sets_and_inputs_pair_by_position_when_only_names
     assert "position" in pairing.describe("inputs")
     assert isinstance(pair_inputs(ts, [InputSpec("x", f32, ("s0", 9))]), str)
     assert isinstance(pair_inputs(ts, [InputSpec("x", np.dtype("int64"), ("s0", 8))]), str)
+
+
+def _oracle_statistics(expected, actual, truth):
+    """The comparison's numbers by their definitions, in float64 on whole arrays."""
+    e, a, t = (np.asarray(x, np.float64).ravel() for x in (expected, actual, truth))
+    judged = np.abs(a - t)
+    diff = np.abs(a - e)
+    return {
+        "error": judged.max() / np.abs(t).max(),
+        "floor": np.abs(e - t).max() / np.abs(t).max(),
+        "worst": int(np.argmax(judged)),
+        "max_abs": diff.max(),
+        "mean_abs": diff.mean(),
+        "max_rel": (diff / np.maximum(np.abs(e), np.finfo(np.float32).tiny)).max(),
+        "cosine": e @ a / math.sqrt((e @ e) * (a @ a)),
+    }
+
+
+def test_outputs_larger_than_a_block_give_the_whole_array_numbers():
+    """Large outputs are measured block by block (no float64 copy of them): every number is
+    the one its definition gives on the whole array, and the worst entry is the first of equal
+    worst ones even when they sit in different blocks."""
+    rng = np.random.default_rng(3)
+    n = 3 * compare.BLOCK + 17
+    truth = rng.standard_normal((n // 17, 17)) * 40.0
+    reference = (truth + rng.standard_normal(truth.shape) * 1e-5).astype(np.float32)
+    actual = (truth + rng.standard_normal(truth.shape) * 1e-5).astype(np.float32)
+    flat = actual.reshape(-1)
+    tflat = truth.reshape(-1)
+    # Two equally bad entries, the first in block 1, the second in block 2.
+    for i in (compare.BLOCK + 5, 2 * compare.BLOCK + 9):
+        flat[i] = np.float32(tflat[i] + 0.25)
+    worst_first = compare.BLOCK + 5
+    judged = np.abs(flat.astype(np.float64) - tflat)
+    assert judged[worst_first] >= judged[2 * compare.BLOCK + 9]
+    c = TolerancePolicy().compare("y", reference, actual, truth=truth)
+    want = _oracle_statistics(reference, actual, truth)
+    assert math.isclose(c.error, want["error"], rel_tol=1e-15)
+    assert math.isclose(c.floor, want["floor"], rel_tol=1e-15)
+    assert c.worst_index == tuple(int(i) for i in np.unravel_index(want["worst"], truth.shape))
+    assert c.actual_at_worst == float(actual.reshape(-1)[want["worst"]])
+    assert math.isclose(c.max_abs, want["max_abs"], rel_tol=1e-15)
+    assert math.isclose(c.max_rel, want["max_rel"], rel_tol=1e-15)
+    assert math.isclose(c.mean_abs, want["mean_abs"], rel_tol=1e-12)  # summation order
+    assert math.isclose(c.cosine, want["cosine"], rel_tol=1e-12)
+    assert not c.passed  # 0.25 on a scale of ~160 is far beyond 10 float32 floors
+
+
+def test_nonfinite_entries_beyond_the_first_block_are_compared_by_place():
+    n = 2 * compare.BLOCK + 3
+    truth = np.linspace(-1.0, 1.0, n)
+    truth[-1] = np.nan
+    same = truth.astype(np.float32)
+    c = TolerancePolicy().compare("y", same, same.copy(), truth=truth)
+    assert c.passed and c.error == c.floor  # the candidate is the reference
+    moved = same.copy()
+    moved[-1], moved[-2] = moved[-2], np.nan
+    assert not TolerancePolicy().compare("y", same, moved, truth=truth).passed
+
+
+def test_zero_dimensional_outputs_are_compared():
+    truth = np.array(2.0)
+    c = TolerancePolicy().compare(
+        "loss", np.float32(2.0) + np.zeros((), np.float32), np.array(2.5, np.float32),
+        truth=truth,
+    )  # fmt: skip
+    assert c.shape == () and c.worst_index == () and not c.passed
+    assert math.isclose(c.error, 0.25)
+    nan = np.array(np.nan)
+    assert TolerancePolicy().compare("loss", nan, nan.copy(), truth=nan).passed

@@ -96,3 +96,34 @@ def test_run_exposed_leaves_the_model_exactly_as_it_was():
     np.testing.assert_array_equal(values["r"], np.maximum(values["h"], 0))
     np.testing.assert_array_equal(values["y"], -values["r"])
     assert model.SerializeToString() == before
+
+
+def test_kept_outputs_own_their_memory():
+    """onnxruntime's outputs are views of its buffers, each keeping the session's whole memory
+    arena alive; the runner's outputs own their memory, so a released session is gone."""
+    import gc
+    import weakref
+
+    from onnx import TensorProto, helper
+
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    x = np.array([[-1.0, 2.0, -3.0], [4.0, -5.0, 6.0]], np.float32)
+    runner = runners.OrtRunner(model)
+    session = weakref.ref(runner.session)
+    raw = runner.session.run(None, {"x": x})[0]
+    assert raw.base is not None  # what onnxruntime hands back: a view
+    del raw
+    y = runner.infer({"x": x})["y"]
+    assert y.base is None and y.flags.owndata
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    del runner
+    gc.collect()
+    assert session() is None

@@ -331,7 +331,9 @@ class Confirmation:
     def _graph_values(self, plan: ModulePlan, values: Mapping[str, np.ndarray]) -> None:
         """Keep one module's ONNX output; judge its ONNX input against the oracle now."""
         held = self._held[plan.path]
-        held.onnx_out = values.get(plan.output_value) if plan.output_value else None
+        # A copy: onnxruntime's own buffer would keep the session's memory arena alive.
+        value = values.get(plan.output_value) if plan.output_value else None
+        held.onnx_out = None if value is None else np.array(value, copy=True)
         if held.onnx_out is None:
             held.out32 = held.in32 = None
             return

@@ -104,7 +104,8 @@ def run_exposed(
     provider: str = CPU,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` with intermediate values exposed; their bytes are checked against the
-    memory budget first (they are all held at once)."""
+    memory budget first (they are all held at once). The values are onnxruntime's own
+    buffers, which keep the session's memory until the last of them goes: copy what is kept."""
     with values_exposed(model, names) as exposed:
         check_allocation(
             f"{len(names)} intermediate value(s) exposed for comparison",

@@ -179,8 +179,22 @@ class OrtRunner:
         return [o.name for o in self.session.get_outputs()]
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        names = self.output_names
-        return dict(zip(names, self.session.run(names, dict(feeds)), strict=True))
+        return run_owned(self.session, self.output_names, feeds)
+
+
+def run_owned(
+    session: Any, names: Sequence[str], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``session.run`` with every output in memory of its own. onnxruntime hands back views of
+    its own buffers, each of which keeps the session's whole memory arena alive: kept outputs
+    would hold a released session's peak memory until the last of them goes."""
+    values = session.run(list(names), dict(feeds))
+    return {
+        name: value.copy()
+        if isinstance(value, np.ndarray) and value.base is not None
+        else value
+        for name, value in zip(names, values, strict=True)
+    }
 
 
 # ------------------------------------------------------------------------------- PyTorch
