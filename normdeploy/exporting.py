@@ -60,12 +60,13 @@ from normdeploy.io import (
     data_file_for,
     failed_file_for,
     needs_external_data,
+    restage_as,
     stage_onnx,
     staging_dir,
 )
 from normdeploy.modelspec import forward_input_names
 from normdeploy.modes import TrainModeReport, training_report
-from normdeploy.onnx_graph import default_opset, graph_input_specs
+from normdeploy.onnx_graph import default_opset, graph_input_specs, without_weight_data
 from normdeploy.report import fmt_num, markdown_table, text_table
 from normdeploy.shapes import (
     EXAMPLE,
@@ -99,6 +100,7 @@ from normdeploy.verification.runners import (
     ReferenceMemo,
     TorchRunner,
     named_module_outputs,
+    ort_message,
 )
 
 if TYPE_CHECKING:
@@ -760,6 +762,7 @@ def _rejected(name: str, check: _CheckSet, interface: ExportInterface, exc: Exce
 
 def _export_checks(
     model: onnx.ModelProto,
+    staged: Path,
     eval_module: torch.nn.Module,
     sets: Sequence[_CheckSet],
     interface: ExportInterface,
@@ -767,9 +770,10 @@ def _export_checks(
     confirmation: Confirmation | None = None,
     memo: ReferenceMemo | None = None,
 ) -> tuple[tuple[BatchCheck, ...], list[str]]:
-    """onnxruntime vs PyTorch eval on each input set, judged by the tolerance policy against
-    the module in float64; and notes. A model that fails at another size of a dynamic dim
-    rejects that dim: InvalidArgumentError naming axis and size.
+    """onnxruntime (a session of ``staged``, the file ``model`` was written to) vs PyTorch
+    eval on each input set, judged by the tolerance policy against the module in float64; and
+    notes. A model that fails at another size of a dynamic dim rejects that dim:
+    InvalidArgumentError naming axis and size.
 
     ``eval_module`` is export's own eval copy, run as it is: first in float32 on every set,
     then converted to float64 in place for the truth (so that the float64 reference costs no
@@ -781,14 +785,16 @@ def _export_checks(
 
     specs = graph_input_specs(model)
     names = [s.name for s in specs]
-    runner = OrtRunner(model, CPU)
+    release_memory()  # what the exporter freed, before the check's first peak
+    runner = OrtRunner(str(staged), CPU)
     try:
         outputs = runner.output_names
     except Exception as exc:  # a graph onnxruntime cannot load: every check fails with why
+        why = ort_message(exc)  # without the staged file's path
         return tuple(
             BatchCheck(
                 c.feeds.batch_size or 0,
-                (failed_check(REFERENCE, CPU, c.key, "onnxruntime", exc, c.feeds.batch_size),),
+                (failed_check(REFERENCE, CPU, c.key, "onnxruntime", why, c.feeds.batch_size),),
                 c.key,
             )
             for c in sets
@@ -1124,38 +1130,52 @@ def export(
         if not simplified.applied:
             notes.append(f"onnxsim result discarded: {simplified.note}")
 
-    start = time.perf_counter()
-    sets, set_notes = _check_sets(shapes, interface, batch_sizes, seed)
-    # The census confirms every norm module on the first set's feeds, during the check's own
-    # forwards on them.
-    confirmation = Confirmation(model, eval_module, sets[0].feeds.feeds) if sets else None
-    memo = ReferenceMemo(train_mode=train)
-    checks, check_notes = _export_checks(
-        model, eval_module, sets, interface, name, confirmation, memo
-    )
-    del eval_module  # float64 by now, and needed no further
-    notes += set_notes + check_notes
-    timings["check"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    taken = census.inspect(model)
-    entries, census_notes = confirmation.result() if confirmation else ([], [])
-    taken = dataclasses.replace(
-        taken, source=str(out), entries=tuple(entries), notes=tuple(census_notes)
-    )
-    timings["census"] = time.perf_counter() - start
-
-    start = time.perf_counter()
+    # The graph is staged first: onnxruntime's sessions are made from the staged file (the
+    # weights are not held twice while it reads them), which is published only if it passes.
+    taken = census.inspect(model)  # before staging: external data leaves the tensors on disk
     external = needs_external_data(model)
-    passed = all(c.passed for c in checks) and taken.passed
-    written = out if passed else failed_file_for(out) if keep_failed else None
-    if written is not None:
-        with staging_dir(out.parent) as tmp:
-            files = stage_onnx(
-                model, tmp / written.name, external_data=external, target=written
-            )
+    written: Path | None = None
+    with staging_dir(out.parent) as tmp:
+        start = time.perf_counter()
+        staged = tmp / out.name
+        files = stage_onnx(model, staged, external_data=external, target=out)
+        # What follows reads the graph, and runs the staged file: the weights need not be
+        # held a second time (beside the module's) while the check's forwards run.
+        model = without_weight_data(model)
+        timings["save"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        sets, set_notes = _check_sets(shapes, interface, batch_sizes, seed)
+        # The census confirms every norm module on the first set's feeds, during the check's
+        # own forwards on them.
+        confirmation = (
+            Confirmation(model, eval_module, sets[0].feeds.feeds, staged=staged)
+            if sets
+            else None
+        )
+        memo = ReferenceMemo(train_mode=train)
+        checks, check_notes = _export_checks(
+            model, staged, eval_module, sets, interface, name, confirmation, memo
+        )
+        del eval_module  # float64 by now, and needed no further
+        notes += set_notes + check_notes
+        timings["check"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        entries, census_notes = confirmation.result() if confirmation else ([], [])
+        taken = dataclasses.replace(
+            taken, source=str(out), entries=tuple(entries), notes=tuple(census_notes)
+        )
+        timings["census"] = time.perf_counter() - start
+
+        passed = all(c.passed for c in checks) and taken.passed
+        if passed:
             plan.publish([(f, out.parent / f.name) for f in files])
-    timings["save"] = time.perf_counter() - start
+            written = out
+        elif keep_failed:
+            failed = failed_file_for(out)
+            plan.publish([(f, out.parent / f.name) for f in restage_as(staged, failed.name)])
+            written = failed
     return ExportResult(
         path=out,
         model_name=name,

@@ -231,6 +231,30 @@ def graph_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def without_weight_data(model: onnx.ModelProto, min_bytes: int = 1024) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of ``min_bytes`` or more keep their name, type
+    and dims but not their data (reading their value fails: :func:`tensor_value` gives None).
+    For work that needs the graph but not the weights while the model is on disk: dropping
+    the original frees its weights, which protobuf cannot free tensor by tensor."""
+    slim = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name != "graph":
+            slim.MergeFrom(onnx.ModelProto(**{descriptor.name: value}))
+    graph = slim.graph
+    for descriptor, value in model.graph.ListFields():
+        if descriptor.name != "initializer":
+            graph.MergeFrom(onnx.GraphProto(**{descriptor.name: value}))
+    for tensor in model.graph.initializer:
+        if tensor.ByteSize() < min_bytes or is_external(tensor):
+            graph.initializer.append(tensor)
+            continue
+        shell = graph.initializer.add()
+        shell.name = tensor.name
+        shell.data_type = tensor.data_type
+        shell.dims.extend(tensor.dims)
+    return slim
+
+
 # Initializers and Constant nodes up to this many elements keep their values in the skeleton that
 # shape inference runs on (shape constants for Reshape/Unsqueeze); larger ones become typed inputs.
 SKELETON_MAX_ELEMENTS = 64

@@ -429,3 +429,43 @@ def test_weight_bytes_counts_every_initializer_by_type() -> None:
         ]
     )
     assert weight_bytes(helper.make_model(graph)) == 44
+
+
+def test_a_model_without_its_weight_data_keeps_everything_else():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normdeploy.onnx_graph import tensor_value, without_weight_data
+
+    w = np.arange(512, dtype=np.float32).reshape(8, 64)
+    shape = np.array([4, 128], np.int64)
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                helper.make_node("Reshape", ["h", "shape"], ["y"], name="r"),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 128])],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(shape, "shape")],
+            value_info=[helper.make_tensor_value_info("h", TensorProto.FLOAT, ["n", 64])],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+        producer_name="p",
+    )
+    helper.set_model_props(model, {"k": "v"})
+    slim = without_weight_data(model)
+    big, small = slim.graph.initializer
+    assert (big.name, list(big.dims), big.data_type) == ("w", [8, 64], TensorProto.FLOAT)
+    assert tensor_value(big) is None  # the 2 KiB weight's data is gone
+    np.testing.assert_array_equal(tensor_value(small), shape)  # a shape constant is kept
+    assert slim.graph.node == model.graph.node and slim.graph.input == model.graph.input
+    assert slim.graph.output == model.graph.output
+    assert slim.graph.value_info == model.graph.value_info
+    assert (
+        slim.opset_import == model.opset_import and slim.metadata_props == model.metadata_props
+    )
+    assert slim.producer_name == "p" and slim.ir_version == model.ir_version
+    assert np.array_equal(
+        tensor_value(model.graph.initializer[0]), w
+    )  # the original is intact

@@ -4,6 +4,7 @@ they are fed (normdeploy/verification/feeds.py)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 
 from normdeploy.errors import InvalidArgumentError
@@ -127,3 +128,66 @@ def test_kept_outputs_own_their_memory():
     del runner
     gc.collect()
     assert session() is None
+
+
+def test_a_session_made_from_a_model_keeps_no_copy_of_its_bytes():
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.ones((256, 256), np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+            [numpy_helper.from_array(w, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    runner = runners.OrtRunner(model)
+    held = [v for v in vars(runner.session).values() if isinstance(v, (bytes, bytearray))]
+    assert held == []
+    y = runner.infer({"x": np.ones((1, 256), np.float32)})["y"]
+    np.testing.assert_array_equal(y, np.full((1, 256), 256.0, np.float32))
+
+
+def test_exposed_values_from_the_staged_file_are_the_in_memory_runs(tmp_path):
+    """With the file the model was staged to, the exposed graph is that file's bytes followed by
+    the extra outputs (protobuf merges them into the graph): it parses as the model plus those
+    outputs, and the values are the ones the in-memory model gives; the extra file is gone."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from normdeploy.verification.probe import EXPOSED_FILE, run_exposed, write_exposed
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 16)).astype(np.float32)
+    model = helper.make_model(
+        helper.make_graph(
+            [
+                helper.make_node("MatMul", ["x", "w"], ["h"]),
+                helper.make_node("Sigmoid", ["h"], ["s"]),
+                helper.make_node("Neg", ["s"], ["y"]),
+            ],
+            "g",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+            [numpy_helper.from_array(w, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
+    staged = tmp_path / "model.onnx"
+    onnx.save(model, staged)
+    extra = [helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", 16])]
+    write_exposed(staged, extra, tmp_path / "merged.onnx")
+    merged = onnx.load(tmp_path / "merged.onnx")
+    assert [o.name for o in merged.graph.output] == ["y", "h"]
+    assert merged.graph.node == model.graph.node
+    assert merged.graph.initializer == model.graph.initializer
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    from_file = run_exposed(model, ["h", "s"], {"x": x}, staged=staged)
+    in_memory = run_exposed(model, ["h", "s"], {"x": x})
+    assert sorted(from_file) == sorted(in_memory) == ["h", "s", "y"]
+    for name, value in in_memory.items():
+        np.testing.assert_array_equal(from_file[name], value)
+    np.testing.assert_allclose(from_file["h"], x.astype(np.float64) @ w, rtol=1e-5)
+    assert not (tmp_path / EXPOSED_FILE).exists()

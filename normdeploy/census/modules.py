@@ -18,6 +18,7 @@ import copy
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -172,7 +173,6 @@ class _Held:
 
     calls: int = 0  # how often the float32 forward called it (the last call is the one judged)
     out32: np.ndarray | None = None
-    in32: np.ndarray | None = None  # kept only where the graph may have no input value
     onnx_out: np.ndarray | None = None
     calls64: int = 0
     in64: np.ndarray | None = None
@@ -188,7 +188,7 @@ class Confirmation:
     by forwards run elsewhere, so that export's check and the census share theirs.
 
     In order: the float32 forward runs with :meth:`float32_hooks` (each norm module's output
-    is kept, and its input where the graph may have none of its own); :meth:`run_graph` runs
+    is kept); :meth:`run_graph` runs
     the graph once with those modules' values exposed and applies the oracle to every module
     whose ONNX input it has; the float64 forward runs with :meth:`float64_hooks`, which judges
     each module against PyTorch as its float64 output arrives and releases that module's
@@ -204,10 +204,12 @@ class Confirmation:
         module: torch.nn.Module,
         feeds: Mapping[str, np.ndarray],
         policy: TolerancePolicy = DEFAULT_POLICY,
+        staged: Path | None = None,
     ) -> None:
         self.model = model
         self.feeds = feeds
         self.policy = policy
+        self.staged = staged  # the file ``model`` was staged to, if any (see run_exposed)
         self.label = ", ".join(f"{k}{list(v.shape)}" for k, v in feeds.items())
         self.norm_modules = [
             (p, m) for p, m in module.named_modules() if norm_kind(m) is not None
@@ -218,8 +220,8 @@ class Confirmation:
         self._producers: dict[str, str] = {}
         self._graph_ran = False
         # Modules the graph gives no input value (no nodes of their own, folded, absent): the
-        # oracle takes the float64 forward's input, or PyTorch's when there is none, so the
-        # float32 forward keeps it. Nodes decide it without the forward's producers.
+        # oracle takes the float64 forward's input. Nodes decide it without the forward's
+        # producers.
         by_module = nodes_by_module(model.graph)
         self._no_input = set()
         for path, mod in self.norm_modules:
@@ -244,7 +246,7 @@ class Confirmation:
         """Hooks on ``model`` (``module`` or a copy of it) for its float32 forward on the feeds."""
         import torch
 
-        held, keep_input = self._held, self._no_input
+        held = self._held
         made_by: dict[int, tuple[str, weakref.ref[torch.Tensor]]] = {}
         producer_types = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
 
@@ -253,8 +255,6 @@ class Confirmation:
                 t = _first_tensor(inp)
                 if t is None:
                     return
-                if path in keep_input:
-                    held[path].in32 = to_numpy(t)
                 owner = made_by.get(id(t))
                 if owner is not None and owner[1]() is t:
                     self._producers[path] = owner[0]
@@ -289,7 +289,7 @@ class Confirmation:
     def float32_failed(self, exc: BaseException) -> None:
         """The float32 forward failed: nothing is confirmed, and the note says why."""
         for h in self._held.values():
-            h.out32 = h.in32 = None
+            h.out32 = None
         self.notes.append(
             f"PyTorch eval run failed, no numerical confirmation: {first_line(exc)}"
         )
@@ -309,7 +309,7 @@ class Confirmation:
         if wanted and self.ran:
             names = [v for p in wanted for v in (p.output_value, p.input_value) if v]
             try:
-                values = run_exposed(self.model, names, self.feeds, provider)
+                values = run_exposed(self.model, names, self.feeds, provider, self.staged)
             except Exception as exc:  # a graph ORT cannot run still gets its representation
                 self.notes.append(
                     "onnxruntime could not run the graph with exposed values: "
@@ -324,22 +324,19 @@ class Confirmation:
         for plan in self.plans:
             if plan.path not in arrived:
                 held = self._held[plan.path]
-                held.out32 = held.in32 = held.onnx_out = None
+                held.out32 = held.onnx_out = None
         if self._graph_ran:
             self.notes.append(f"numerical confirmation ran on {self.label}")
 
     def _graph_values(self, plan: ModulePlan, values: Mapping[str, np.ndarray]) -> None:
         """Keep one module's ONNX output; judge its ONNX input against the oracle now."""
         held = self._held[plan.path]
-        # A copy: onnxruntime's own buffer would keep the session's memory arena alive.
-        value = values.get(plan.output_value) if plan.output_value else None
-        held.onnx_out = None if value is None else np.array(value, copy=True)
+        held.onnx_out = values.get(plan.output_value) if plan.output_value else None
         if held.onnx_out is None:
-            held.out32 = held.in32 = None
+            held.out32 = None
             return
         oracle_in = values.get(plan.input_value) if plan.input_value else None
         if oracle_gap(plan.module) is None and oracle_in is not None:
-            held.in32 = None
             self._judge_oracle(plan, oracle_in, _op_floor_reference(plan.module, oracle_in))
 
     @property
@@ -429,18 +426,19 @@ class Confirmation:
             and held.vs_oracle is None
             and not held.oracle_error
         ):
-            # No ONNX input value: the float64 forward's input, else PyTorch's.
+            # No ONNX input value: the float64 forward's input, when it reached the module.
             if held.in64 is not None:
                 held.oracle_note = (
                     "oracle applied to the float64 trace's input (no ONNX input value)"
                 )
                 self._judge_oracle(plan, held.in64, held.out32)
             else:
-                held.oracle_note = "oracle applied to PyTorch's input (no ONNX input value)"
-                if held.in32 is not None:
-                    self._judge_oracle(plan, held.in32, None)
+                held.oracle_error = (
+                    "no oracle: the graph has no input value for this module and the float64 "
+                    "forward did not reach it"
+                )
         held.judged = True
-        held.out32 = held.in32 = held.in64 = held.onnx_out = None
+        held.out32 = held.in64 = held.onnx_out = None
 
     def result(self) -> tuple[list[NormEntry], list[str]]:
         """The entries (:meth:`entries`) and the confirmation's notes."""

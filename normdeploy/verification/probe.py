@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import shutil
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,6 +34,9 @@ from normdeploy.verification.runners import (
 
 if TYPE_CHECKING:
     import torch
+
+# The graph with exposed values, written beside the staged model for its session.
+EXPOSED_FILE = "exposed-values.onnx"
 
 
 def _exposed_infos(model: onnx.ModelProto, names: Iterable[str]) -> list[onnx.ValueInfoProto]:
@@ -97,23 +102,50 @@ def exposed_value_bytes(
     return total
 
 
+def write_exposed(staged: Path, infos: Sequence[onnx.ValueInfoProto], dest: Path) -> None:
+    """The model file ``staged`` with ``infos`` added to its graph outputs, written to
+    ``dest`` without reading the model: protobuf merges a message field that appears twice,
+    so the file's bytes followed by a ModelProto holding only those outputs parse as the model
+    with them appended (its external data, if any, is found beside ``dest`` as beside
+    ``staged``)."""
+    tail = onnx.ModelProto(graph=onnx.GraphProto(output=list(infos))).SerializeToString()
+    shutil.copyfile(staged, dest)
+    with open(dest, "ab") as f:
+        f.write(tail)
+
+
 def run_exposed(
     model: onnx.ModelProto,
     names: Sequence[str],
     feeds: Mapping[str, np.ndarray],
     provider: str = CPU,
+    staged: Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Run ``model`` with intermediate values exposed; their bytes are checked against the
-    memory budget first (they are all held at once). The values are onnxruntime's own
-    buffers, which keep the session's memory until the last of them goes: copy what is kept."""
+    memory budget first (they are all held at once). The session has no memory arena: each
+    value is a buffer of its own, freed when it goes, whatever else is kept.
+
+    ``staged``: a file ``model`` was written to (in a staging directory). The session is then
+    made from a copy of it with the values exposed (:func:`write_exposed`), not from the
+    model's bytes in memory: its weights are not serialized again, nor held twice while
+    onnxruntime reads them."""
+    before = len(model.graph.output)
     with values_exposed(model, names) as exposed:
         check_allocation(
             f"{len(names)} intermediate value(s) exposed for comparison",
             exposed_value_bytes(exposed, names, feeds),
         )
-        data = exposed.SerializeToString()
-    session = OrtRunner(data, provider).session
-    del data  # the session has its own copy of the weights
+        if staged is None:
+            source: bytes | str = exposed.SerializeToString()
+        else:
+            source = str(staged.with_name(EXPOSED_FILE))
+            write_exposed(staged, exposed.graph.output[before:], Path(source))
+    try:
+        session = OrtRunner(source, provider, arena=False).session
+    finally:
+        if staged is not None:
+            staged.with_name(EXPOSED_FILE).unlink(missing_ok=True)
+    del source
     outputs = [o.name for o in session.get_outputs()]
     return dict(zip(outputs, session.run(outputs, dict(feeds)), strict=True))
 

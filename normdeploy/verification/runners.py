@@ -98,11 +98,17 @@ def resolve_providers(requested: Sequence[str] | str | None = None) -> ProviderC
     return ProviderChoice(tuple(chosen))
 
 
-def session_options(optimize: bool = False, threads: int | None = None) -> Any:
-    """SessionOptions; graph optimizations off by default so we test the graph as written."""
+def session_options(
+    optimize: bool = False, threads: int | None = None, arena: bool = True
+) -> Any:
+    """SessionOptions; graph optimizations off by default so we test the graph as written.
+    ``arena=False``: every buffer of a run is allocated and freed on its own, instead of in
+    an arena that keeps its largest size for the session's life and while any output it
+    handed out is alive (for a run whose outputs are many intermediate values)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    so.enable_cpu_mem_arena = arena
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if optimize
@@ -141,6 +147,7 @@ class OrtRunner:
     provider: str = CPU
     optimize: bool = False
     threads: int | None = None
+    arena: bool = True
     _session: Any = field(default=None, init=False, repr=False)
 
     @property
@@ -153,11 +160,19 @@ class OrtRunner:
                 src = src.SerializeToString()
             elif isinstance(src, Path):
                 src = str(src)
-            self._session = ort.InferenceSession(
+            session = ort.InferenceSession(
                 src,
-                sess_options=session_options(self.optimize, self.threads),
+                sess_options=session_options(self.optimize, self.threads, self.arena),
                 providers=[self.provider] if self.provider == CPU else [self.provider, CPU],
             )
+            # A run that fails on CUDA is an error here, not a silent rerun on CPU: reports
+            # name the provider that ran. Without the fallback the wrapper needs the model's
+            # bytes no more, which it would otherwise keep for the session's life (a second
+            # copy of the weights while the session lives).
+            session.disable_fallback()
+            if isinstance(getattr(session, "_model_bytes", None), bytes):
+                session._model_bytes = None
+            self._session = session
         return self._session
 
     def open(self, label: str) -> OrtRunner:
