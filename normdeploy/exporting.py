@@ -872,7 +872,9 @@ def _export_checks(
     if memo is not None:
         for check in sets:
             if check.key in done:
-                memo.add(check.feeds.feeds, done[check.key][0], truths.get(check.key))
+                expected, actual = done[check.key]
+                memo.add(check.feeds.feeds, expected, truths.get(check.key))
+                memo.add_graph_run(staged, CPU, check.feeds.feeds, actual)
     floors = (
         pooled_floors([d[0] for d in done.values()], [truths[k] for k in done])
         if done and len(truths) == len(done)

@@ -34,10 +34,11 @@ def _channel_shape(x: Array, axis: int = 1) -> tuple[int, ...]:
 def _affine(
     y: Array, weight: Array | None, bias: Array | None, shape: tuple[int, ...]
 ) -> Array:
+    """``y * weight + bias``, in place: ``y`` is a fresh float64 array of the caller's."""
     if weight is not None:
-        y = y * np.asarray(weight, np.float64).reshape(shape)
+        y *= np.asarray(weight, np.float64).reshape(shape)
     if bias is not None:
-        y = y + np.asarray(bias, np.float64).reshape(shape)
+        y += np.asarray(bias, np.float64).reshape(shape)
     return y
 
 
@@ -50,11 +51,13 @@ def batch_norm_inference(
     eps: float = 1e-5,
 ) -> Array:
     """BatchNorm with running statistics (eval mode), channel axis 1."""
-    x = np.asarray(x, np.float64)
+    x = np.asarray(x)
     shape = _channel_shape(x)
     mean = np.asarray(running_mean, np.float64).reshape(shape)
     var = np.asarray(running_var, np.float64).reshape(shape)
-    return _affine((x - mean) / np.sqrt(var + eps), weight, bias, shape)
+    y = np.subtract(x, mean, dtype=np.float64)  # (x - mean) / sqrt(var + eps), in float64
+    y /= np.sqrt(var + eps)
+    return _affine(y, weight, bias, shape)
 
 
 def batch_norm_training(

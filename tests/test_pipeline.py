@@ -380,3 +380,36 @@ def test_deploy_verifies_with_the_reference_outputs_its_export_computed(tmp_path
     graph = tmp_path / "alone.onnx"
     assert not verify(module, graph, providers="cpu", reference_outputs=memo, bisect=False)
     assert verify(module, graph, providers="cpu", bisect=False)
+
+
+def test_verify_of_the_file_export_checked_takes_its_onnxruntime_outputs(tmp_path):
+    """deploy where fold-bn has nothing to fold (the exporter folded the BN into the Conv)
+    verifies the very file export checked, and takes onnxruntime's outputs on the inputs that
+    check ran instead of running them again; only for that file, unchanged."""
+    import shutil
+
+    from normdeploy import export
+    from normdeploy.verification.verifier import verify
+
+    torch.manual_seed(0)
+    module, x = _CountingCNN().eval(), torch.randn(1, 3, 16, 16)
+    result = deploy(module, tmp_path / "out", example_inputs=(x,), providers="cpu")
+    assert result, result.to_text()
+    assert not result.fold.modified
+    said = [n for n in result.verification.notes if "are that check's" in n]
+    assert said == [
+        "onnxruntime's outputs on cpu for input sets the export check ran are that check's: "
+        "the same file, unchanged, on the same inputs"
+    ]
+    exported = export(module, (x,), tmp_path / "alone.onnx")
+    memo = exported.reference
+    assert len(memo.graph) == 2  # batch 1 and 3
+    # Used, not merely present: outputs 1% off fail the verdict on that file...
+    for key, outputs in memo.graph.items():
+        memo.graph[key] = {k: v * v.dtype.type(1.01) for k, v in outputs.items()}
+    graph = tmp_path / "alone.onnx"
+    assert not verify(module, graph, providers="cpu", reference_outputs=memo, bisect=False)
+    # ...and a copy of it (another file, the same bytes) is run, not looked up.
+    shutil.copyfile(graph, tmp_path / "copy.onnx")
+    copied = verify(module, tmp_path / "copy.onnx", providers="cpu", reference_outputs=memo)
+    assert copied and not [n for n in copied.notes if "are that check's" in n]

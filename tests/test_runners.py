@@ -191,3 +191,26 @@ def test_exposed_values_from_the_staged_file_are_the_in_memory_runs(tmp_path):
         np.testing.assert_array_equal(from_file[name], value)
     np.testing.assert_allclose(from_file["h"], x.astype(np.float64) @ w, rtol=1e-5)
     assert not (tmp_path / EXPOSED_FILE).exists()
+
+
+def test_recorded_graph_outputs_answer_for_the_same_file_unchanged(tmp_path):
+    import os
+
+    from normdeploy.verification.runners import ReferenceMemo
+
+    spec = InputSpec("x", np.dtype("float32"), ("batch", 4))
+    feeds = make_feeds([spec], batch_size=2, seed=0)
+    graph = tmp_path / "m.onnx"
+    graph.write_bytes(b"graph bytes")
+    memo = ReferenceMemo()
+    memo.add_graph_run(graph, CPU, feeds, {"y": np.ones(2, np.float32)})
+    assert memo.graph_outputs(graph, CPU, {"x": feeds["x"].copy()}) is not None
+    assert memo.graph_outputs(graph, CUDA, feeds) is None  # another provider
+    moved = tmp_path / "moved.onnx"
+    graph.rename(moved)  # the same file under another name
+    assert memo.graph_outputs(moved, CPU, feeds) is not None
+    assert memo.graph_outputs(graph, CPU, feeds) is None  # nothing there now
+    moved.write_bytes(b"graph bytes")  # rewritten, even with the same bytes: a new mtime
+    st = os.stat(moved)
+    os.utime(moved, ns=(st.st_atime_ns, st.st_mtime_ns + 1))  # however coarse the clock
+    assert memo.graph_outputs(moved, CPU, feeds) is None

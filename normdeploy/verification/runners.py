@@ -377,11 +377,42 @@ class ReferenceMemo:
     """A module's float32 outputs and float64 truth on input sets it already ran on, so that a
     later comparison with the same module on the same inputs (``deploy``'s verify after its
     export check) reuses them instead of copying and running the module again. Looked up by
-    the inputs' bytes (:func:`feeds_key`): a different input is a miss, never a wrong hit."""
+    the inputs' bytes (:func:`feeds_key`): a different input is a miss, never a wrong hit.
+
+    It also keeps what onnxruntime gave for a graph file on those inputs, looked up by the
+    file's identity (:func:`file_identity`): verify of the very file the export check ran,
+    unchanged since (deploy when fold-bn and fuse-norms had nothing to do), takes them."""
 
     expected: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
     truth: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
     train_mode: Any = None  # the module's TrainModeReport, when one was taken
+    graph: dict[tuple[Any, ...], dict[str, np.ndarray]] = field(default_factory=dict)
+
+    def add_graph_run(
+        self,
+        path: Path,
+        provider: str,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Mapping[str, np.ndarray],
+    ) -> None:
+        """onnxruntime's ``outputs`` for the graph file ``path`` on ``provider`` (a session
+        with :func:`session_options`' defaults) and ``feeds``."""
+        identity = file_identity(path)
+        if identity is not None:
+            self.graph[(identity, provider, feeds_key(feeds))] = dict(outputs)
+
+    def graph_outputs(
+        self, path: Path, provider: str, feeds: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
+        """The recorded outputs of the same file, unchanged, on the same inputs; or None."""
+        if not self.graph:
+            return None
+        identity = file_identity(path)
+        return (
+            None
+            if identity is None
+            else self.graph.get((identity, provider, feeds_key(feeds)))
+        )
 
     def add(
         self,
@@ -400,6 +431,16 @@ class ReferenceMemo:
         """The recorded outputs (float64 truth with ``float64``) on ``feeds``, or None."""
         table = self.truth if float64 else self.expected
         return table.get(feeds_key(feeds)) if table else None
+
+
+def file_identity(path: Path) -> tuple[int, int, int, int] | None:
+    """The file at ``path`` as the file system knows it (device, inode, size, modification
+    time in ns): the same value means the same file, not rewritten; None when it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def copy_module(module: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:

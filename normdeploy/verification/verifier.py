@@ -36,8 +36,9 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,6 +106,7 @@ from normdeploy.verification.runners import (
     OrtRunner,
     ReferenceMemo,
     TorchRunner,
+    provider_alias,
     resolve_providers,
     torch_args,
 )
@@ -505,14 +507,52 @@ class _SetRun:
     errors: dict[str, tuple[str, str]] = field(default_factory=dict)  # provider → (what, why)
 
 
+# What onnxruntime already gave for the candidate on a provider and inputs, or None.
+RecordedGraph = Callable[[str, FeedSet], "Outputs | None"]
+
+
+def _recorded_graph(
+    memo: ReferenceMemo | None,
+    onnx_model: Any,
+    runners: Mapping[str, OrtRunner],
+    notes: list[str],
+) -> RecordedGraph | None:
+    """onnxruntime's outputs the memo holds for the candidate file on inputs verify runs
+    (export's check ran the same file, unchanged since, on the same inputs): taken instead of
+    a second identical run, and said in the notes."""
+    if memo is None or not memo.graph or not isinstance(onnx_model, (str, os.PathLike)):
+        return None
+    path = Path(onnx_model)
+    said: set[str] = set()
+
+    def recorded(provider: str, fs: FeedSet) -> Outputs | None:
+        if provider not in runners or runners[provider].optimize:
+            return None
+        hit = memo.graph_outputs(path, provider, fs.feeds)
+        if hit is not None and provider not in said:
+            said.add(provider)
+            notes.append(
+                f"onnxruntime's outputs on {provider_alias(provider)} for input sets the export "
+                "check ran are that check's: the same file, unchanged, on the same inputs"
+            )
+        return hit
+
+    return recorded
+
+
 def _run_set(
-    fs: FeedSet, role: str, ref: _Reference, runners: Mapping[str, OrtRunner]
+    fs: FeedSet,
+    role: str,
+    ref: _Reference,
+    runners: Mapping[str, OrtRunner],
+    recorded: RecordedGraph | None = None,
 ) -> _SetRun:
     run = _SetRun(fs, role)
     run.truth = ref.truth(fs)
     for provider, runner in runners.items():
         try:
-            run.actual[provider] = runner.infer(fs.feeds)
+            hit = None if recorded is None else recorded(provider, fs)
+            run.actual[provider] = runner.infer(fs.feeds) if hit is None else hit
         except Exception as exc:
             run.errors[provider] = ("onnxruntime run", first_line(exc, 200))
             continue
@@ -800,8 +840,9 @@ def verify(
             sets.append(FeedSet(label, None, user))
         batched_fs, alone_fs, extra = _plan_batch_check(sets, shapes.specs(), shapes.axes())
 
-    runs = [_run_set(fs, CHECK, ref, runners) for fs in sets]
-    extra_run = _run_set(extra, ALONE, ref, runners) if extra is not None else None
+    recorded = _recorded_graph(reference_outputs, onnx_model, runners, notes)
+    runs = [_run_set(fs, CHECK, ref, runners, recorded) for fs in sets]
+    extra_run = _run_set(extra, ALONE, ref, runners, recorded) if extra is not None else None
     notes += ref.notes
     floors: dict[str, float] | None = None
     if ref.recorded is not None:
