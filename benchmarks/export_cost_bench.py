@@ -5,6 +5,8 @@ Side by side, as whole processes (imports, model build, everything), interleaved
 - ``normdeploy export`` (its check and census included) against what a user writes by hand:
   ``torch.onnx.export(dynamo=True)`` with a dynamic batch, save, one onnxruntime session and a
   comparison with PyTorch eval at batch 1 and 3 (``_bare_export.py``);
+- the same ``export`` through ``main()`` alone, without the entry point's skip of the
+  interpreter's final collections (what it costs with the teardown the script pays);
 - ``normdeploy deploy`` against ``export`` + ``fold-bn`` + ``verify`` run as three commands.
 
 Medians of wall time and peak RSS, and their ratios.
@@ -41,9 +43,15 @@ def _commands(model: str, work: Path) -> dict[str, list[list[str]]]:
     spec = SPEC.format(model)
     onnx_path, folded = work / f"{model}.onnx", work / f"{model}.folded.onnx"
     cli = [PY, "cli.py"]
+    # cli.py's entry freezes the collector before the interpreter's teardown; main() alone
+    # shows what the export costs with the teardown a script pays (and the bare script does).
+    main_only = [PY, "-c", "import sys; from normdeploy.cli import main; sys.exit(main())"]
     return {
         "bare script": [[PY, str(HERE / "_bare_export.py"), model, str(work / "bare.onnx")]],
         "export": [[*cli, "export", spec, "-o", str(onnx_path), "--force"]],
+        "export, teardown kept": [
+            [*main_only, "export", spec, "-o", str(onnx_path), "--force"]
+        ],
         "deploy": [[*cli, "deploy", spec, "-o", str(work / "deploy"), "--force", "-q"]],
         "export + fold-bn + verify": [
             [*cli, "export", spec, "-o", str(onnx_path), "--force"],
@@ -87,7 +95,11 @@ def _stats(samples: list[ProcessRun | str]) -> tuple[float, float, str] | str:
 
 def rows(model: str, samples: dict[str, list[ProcessRun | str]]) -> list[list[str]]:
     out = []
-    for side, against in (("export", "bare script"), ("deploy", "export + fold-bn + verify")):
+    for side, against in (
+        ("export", "bare script"),
+        ("export, teardown kept", "bare script"),
+        ("deploy", "export + fold-bn + verify"),
+    ):
         ours, base = _stats(samples[side]), _stats(samples[against])
         if isinstance(ours, str) or isinstance(base, str):
             note = ours if isinstance(ours, str) else base

@@ -175,6 +175,11 @@ class OrtRunner:
             self._session = session
         return self._session
 
+    @property
+    def opened(self) -> bool:
+        """Whether the session exists yet (it is made by the first use)."""
+        return self._session is not None
+
     def open(self, label: str) -> OrtRunner:
         """Create the session now; a graph onnxruntime cannot load is the user's bad input."""
         try:
@@ -400,6 +405,11 @@ class ReferenceMemo:
         identity = file_identity(path)
         if identity is not None:
             self.graph[(identity, provider, feeds_key(feeds))] = dict(outputs)
+
+    def ran_file(self, path: Path) -> bool:
+        """Whether onnxruntime ran the file at ``path``, unchanged since, for the memo."""
+        identity = file_identity(path)
+        return identity is not None and any(key[0] == identity for key in self.graph)
 
     def graph_outputs(
         self, path: Path, provider: str, feeds: Mapping[str, np.ndarray]

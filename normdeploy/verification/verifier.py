@@ -347,8 +347,14 @@ def _recorded_set(run: RecordedRun, label: str) -> RecordedSet:
     return next(s for s in run.sets if s.feed_set.label == label)
 
 
-def _open(model: Any, provider: str, label: str, explicit: bool) -> OrtRunner | None:
-    """A runner on ``provider``; None (or an error when asked for explicitly) on a fallback."""
+def _open(
+    model: Any, provider: str, label: str, explicit: bool, checked: bool = False
+) -> OrtRunner | None:
+    """A runner on ``provider``; None (or an error when asked for explicitly) on a fallback.
+    ``checked``: onnxruntime already loaded this very file on CPU (export's check), so a CPU
+    session is made only if a run needs one."""
+    if checked and provider == CPU:
+        return OrtRunner(model, provider)
     runner = OrtRunner(model, provider).open(label)
     used = runner.providers_used
     if provider in used:
@@ -361,14 +367,18 @@ def _open(model: Any, provider: str, label: str, explicit: bool) -> OrtRunner | 
 
 
 def _open_runners(
-    source: Any, label: str, providers: Sequence[str] | str | None, notes: list[str]
+    source: Any,
+    label: str,
+    providers: Sequence[str] | str | None,
+    notes: list[str],
+    checked: bool = False,
 ) -> dict[str, OrtRunner]:
     choice = resolve_providers(providers)
     notes += choice.notes
     explicit = providers is not None and providers != "auto"
     runners = {}
     for provider in choice.providers:
-        runner = _open(source, provider, label, explicit)
+        runner = _open(source, provider, label, explicit, checked)
         if runner is None:
             notes.append(f"{provider} was requested but onnxruntime fell back; not used")
             continue
@@ -509,6 +519,13 @@ class _SetRun:
 
 # What onnxruntime already gave for the candidate on a provider and inputs, or None.
 RecordedGraph = Callable[[str, FeedSet], "Outputs | None"]
+
+
+def _checked_file(memo: ReferenceMemo | None, onnx_model: Any) -> bool:
+    """Whether the memo holds onnxruntime runs of this very file, unchanged (export's check)."""
+    if memo is None or not isinstance(onnx_model, (str, os.PathLike)):
+        return False
+    return memo.ran_file(Path(onnx_model))
 
 
 def _recorded_graph(
@@ -790,11 +807,17 @@ def verify(
         sources = [s for s in (onnx_model, reference) if isinstance(s, (str, os.PathLike))]
         check_output_path(save_run, inputs=tuple(sources), overwrite=overwrite, what="run")
     notes: list[str] = []
+    checked = _checked_file(reference_outputs, onnx_model)
     runners = _open_runners(
-        _session_source(onnx_model, candidate), cand_label, providers, notes
+        _session_source(onnx_model, candidate), cand_label, providers, notes, checked
     )
     specs = graph_input_specs(candidate)
-    cand_outputs = next(iter(runners.values())).output_names
+    first = next(iter(runners.values()))
+    cand_outputs = (
+        [o.name for o in candidate.graph.output]
+        if first._session is None
+        else first.output_names
+    )
     _check_override_names(atol, rtol, cand_outputs)
     batch_axes(specs, batch_axis)  # bad axes fail before any work
     if input_shapes is not None:
