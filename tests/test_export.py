@@ -365,6 +365,41 @@ def test_a_failed_export_check_writes_no_graph_unless_kept(tmp_path, keep_failed
         np.testing.assert_allclose(got, 2 * want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("keep_failed", [False, True], ids=["passes", "fails-kept"])
+def test_a_graph_with_external_data_is_checked_from_its_staged_files(
+    tmp_path, monkeypatch, keep_failed
+) -> None:
+    """Past 2 GB the graph is staged with its weights in NAME.data: the check, the census's
+    exposed run and the published (or kept) files all use the staged pair. A small model
+    stands in for the large one: the size rule is forced."""
+    import normdeploy.exporting as exporting
+
+    monkeypatch.setattr(exporting, "needs_external_data", lambda model: True)
+    torch.manual_seed(0)
+    module = (_ExportsDouble() if keep_failed else replicas.cnn_module_only()).eval()
+    if keep_failed:
+        module.conv = nn.Conv2d(3, 64, 3)  # a weight past the external-data threshold
+    else:
+        replicas.calibrate_bn(module, (torch.randn(4, 3, 16, 16),))
+    out = tmp_path / "m.onnx"
+    result = export(module, torch.randn(1, 3, 16, 16), out, keep_failed=keep_failed)
+    assert result.external_data and bool(result) is not keep_failed
+    written = tmp_path / ("m.failed.onnx" if keep_failed else "m.onnx")
+    assert result.written == written
+    assert sorted(p.name for p in tmp_path.iterdir()) == [written.name, written.name + ".data"]
+    header = onnx.load(str(written), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
+    if not keep_failed:  # the census confirmed its BatchNorm from the exposed run
+        assert result.census.entries and all(e.vs_torch for e in result.census.entries)
+    sess = ort.InferenceSession(str(written), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x})
+    with torch.no_grad():
+        want = module(torch.from_numpy(x)).numpy()
+    # fp32 convs in different kernels: ~1e-6 apart; the documented fp32 default is 1e-4
+    np.testing.assert_allclose(got, 2 * want if keep_failed else want, rtol=1e-4, atol=1e-4)
+
+
 class _Float32Projection(nn.Module):
     """Conv → BatchNorm → pool, a projection by a plain float32 tensor attribute (not a
     parameter or buffer), LayerNorm: the module runs in float32 only; in float64 it fails
