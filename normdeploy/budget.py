@@ -141,22 +141,36 @@ def generation_bytes(shape: Sequence[int], dtype: Any) -> int:
 # Blocks of at least this many bytes get pages of their own from glibc, returned when freed.
 MMAP_THRESHOLD = 4 * 2**20
 _M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
+_allocator = {"tune": False}
+
+
+def tune_allocator() -> None:
+    """Let :func:`release_memory` also pin glibc's mmap threshold: a setting of the whole
+    process that glibc cannot take back, so only for a process that owns its allocator (the
+    CLI's); a library caller's process keeps glibc's own policy."""
+    _allocator["tune"] = True
+
+
+def allocator_tuned() -> bool:
+    """Whether :func:`tune_allocator` was called in this process."""
+    return _allocator["tune"]
 
 
 def release_memory() -> None:
     """Hand the heap pages the process has freed back to the system (glibc keeps them
     otherwise), so that a stage's peak does not sit on top of the memory an earlier stage
-    used and freed; and pin glibc's mmap threshold at :data:`MMAP_THRESHOLD`. glibc raises
-    that threshold (up to 32 MiB) each time a mapped block is freed, after which large blocks
-    come from the heap, which cannot shrink below its newest block: a forward whose activations
-    grow layer by layer (DenseNet's concatenations) then never reuses what it freed, and its
-    float64 run at batch 3 held 300 MiB more than it used. A no-op where the C library has no
-    ``mallopt``/``malloc_trim``."""
+    used and freed. After :func:`tune_allocator`, also pin glibc's mmap threshold at
+    :data:`MMAP_THRESHOLD`: glibc raises that threshold (up to 32 MiB) each time a mapped block
+    is freed, after which large blocks come from the heap, which cannot shrink below its newest
+    block; a forward whose activations grow layer by layer (DenseNet's concatenations) then
+    never reuses what it freed, and its float64 run at batch 3 held 300 MiB more than it used.
+    A no-op where the C library has no ``mallopt``/``malloc_trim``."""
     import contextlib
     import ctypes
 
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if _allocator["tune"]:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None).malloc_trim(0)
 

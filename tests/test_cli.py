@@ -13,6 +13,7 @@ import pytest
 import models
 import normdeploy.folding
 from normdeploy import __version__
+from normdeploy.budget import allocator_tuned
 from normdeploy.cli import main
 from normdeploy.cli._options import cli_words
 
@@ -59,7 +60,9 @@ def test_the_process_entry_skips_the_collector_at_teardown_and_still_flushes():
     code = (
         "import atexit, gc, sys\n"
         "from normdeploy.cli import entry\n"
-        "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0))\n"
+        "from normdeploy.budget import allocator_tuned\n"
+        "atexit.register(lambda: print('tuned', allocator_tuned(), 'frozen', "
+        "gc.get_freeze_count() > 0))\n"
         "sys.argv = ['cli.py', 'models']\n"
         "sys.exit(entry())\n"
     )
@@ -67,7 +70,9 @@ def test_the_process_entry_skips_the_collector_at_teardown_and_still_flushes():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    assert "conv_bn_relu" in proc.stdout and proc.stdout.rstrip().endswith("frozen True")
+    assert "conv_bn_relu" in proc.stdout
+    assert proc.stdout.rstrip().endswith("tuned True frozen True")
+    assert not allocator_tuned()  # a library caller's process keeps glibc's policy
     bad = subprocess.run(
         [sys.executable, "cli.py", "inspect", str(ROOT / "no-such.onnx")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,

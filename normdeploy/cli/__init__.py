@@ -82,12 +82,16 @@ def signals_unwind() -> Iterator[None]:
 
 
 def entry() -> int:
-    """The process's entry point (``cli.py``, the ``normdeploy`` script): :func:`main`, then
+    """The process's entry point (``cli.py``, the ``normdeploy`` script): :func:`main` in a
+    process that owns its allocator (:func:`normdeploy.budget.tune_allocator`), then
     ``gc.freeze()`` before the interpreter's teardown. torch's exporter leaves about half a
     million tracked objects, and the cyclic collections Python runs over them while it
-    finalizes took 1.3 s after a DenseNet-121 export (as long as the export's own check).
+    finalizes took 1.0-1.4 s after a DenseNet-121 export (as long as the export's own check).
     Nothing is left to collect in a process about to exit; atexit handlers, finalizers of what
     reference counting frees and the flush of buffered output still run."""
+    from normdeploy.budget import tune_allocator
+
+    tune_allocator()
     code = main()
     gc.freeze()
     return code
