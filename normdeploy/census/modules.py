@@ -188,9 +188,8 @@ class Confirmation:
     by forwards run elsewhere, so that export's check and the census share theirs.
 
     In order: the float32 forward runs with :meth:`float32_hooks` (each norm module's output
-    is kept); :meth:`run_graph` runs
-    the graph once with those modules' values exposed and applies the oracle to every module
-    whose ONNX input it has; the float64 forward runs with :meth:`float64_hooks`, which judges
+    is kept); :meth:`run_graph` runs the graph once with those modules' values exposed and
+    applies the oracle to every module whose ONNX input it has; the float64 forward runs with :meth:`float64_hooks`, which judges
     each module against PyTorch as its float64 output arrives and releases that module's
     values (the oracle goes to the float64 input where the graph has no input value);
     :meth:`entries` judges what the float64 forward did not reach on the nominal floor and

@@ -205,10 +205,12 @@ def scale_relative_error(actual: np.ndarray, truth: np.ndarray) -> float:
         if not both.any():
             return 0.0
         a, t, delta = a[both], t[both], delta[both]
-    diff = float(np.max(delta))
-    if diff == 0:
-        return 0.0
-    return diff / max(float(np.max(np.abs(t))), float(np.finfo(np.float32).tiny))
+    return _relative(float(np.max(delta)), float(np.max(np.abs(t))))
+
+
+def _relative(diff: float, scale: float) -> float:
+    """``diff / scale``, 0 for no difference; a zero scale counts as float32's smallest normal."""
+    return 0.0 if diff == 0 else diff / max(scale, float(np.finfo(np.float32).tiny))
 
 
 def _describe(
@@ -265,13 +267,12 @@ BLOCK = 1 << 15
 
 
 def _scaled_stats(
-    e: np.ndarray, a: np.ndarray, t: np.ndarray, measure_floor: bool
-) -> dict[str, Any] | None:
-    """The float64 statistics :func:`compare_scaled` reports, for finite real arrays of one
-    shape, block by block without a float64 copy of any of them: the judged maximum
-    ``max|a − t|`` and its first index, ``max|t|``, ``max|e − t|`` (with ``measure_floor``), and
-    :func:`_describe`'s ``|a − e|`` sum, maximum and largest relative value, and the dot
-    products of the cosine. None when an entry is not finite (the caller then takes the
+    name: str, e: np.ndarray, a: np.ndarray, t: np.ndarray, measure_floor: bool
+) -> tuple[dict[str, Any], float, float, float] | None:
+    """What :func:`compare_scaled` measures, for finite real arrays of one shape, block by
+    block without a float64 copy of any of them: :func:`_describe`'s statistics (the worst
+    entry: the first largest ``|a − t|``), ``max|a − t|``, ``max|t|`` and ``max|e − t|`` (with
+    ``measure_floor``). None when an entry is not finite (the caller then takes the
     whole-array path that handles NaN/inf)."""
     ef, af, tf = e.reshape(-1), a.reshape(-1), t.reshape(-1)
     n = ef.size
@@ -312,10 +313,22 @@ def _scaled_stats(
         ee += float(np.einsum("i,i->", eb, eb, dtype=f64))
         aa += float(np.einsum("i,i->", ab, ab, dtype=f64))
         ea += float(np.einsum("i,i->", eb, ab, dtype=f64))
-    return {
-        "worst": worst, "at": at, "scale": scale, "floor_err": floor_err, "total": total,
-        "max_abs": max_abs, "max_rel": max_rel, "ee": ee, "aa": aa, "ea": ea,
-    }  # fmt: skip
+    denom = math.sqrt(ee * aa)
+    cosine = ea / denom if denom > 0 else (1.0 if np.array_equal(e, a) else 0.0)
+    where = tuple(int(i) for i in np.unravel_index(at, e.shape))
+    stats = {
+        "name": name,
+        "shape": tuple(int(s) for s in a.shape),
+        "dtype": str(a.dtype),
+        "max_abs": max_abs,
+        "max_rel": max_rel,
+        "mean_abs": total / n,
+        "cosine": cosine,
+        "worst_index": where,
+        "expected_at_worst": float(e[where]),
+        "actual_at_worst": float(a[where]),
+    }
+    return stats, worst, scale, floor_err
 
 
 def _trivial(
@@ -399,33 +412,37 @@ def compare_scaled(
     t = e if truth is None else np.asarray(truth)
     if t.shape != e.shape:
         raise ValueError(f"{name}: truth shape {t.shape} differs from {e.shape}")
-    if all(x.dtype.kind == "f" for x in (e, a, t)):
-        fast = _scaled_stats(e, a, t, truth is not None and floor is None)
-        if fast is not None:
-            return _scaled_result(
-                name, e, a, fast, rule, floor_min=floor_min, k=k,
-                floor=floor, nominal=nominal, measured=truth is not None and floor is None,
-            )  # fmt: skip
-    e64, a64 = e.astype(np.float64), a.astype(np.float64)
-    t64 = e64 if truth is None else np.asarray(truth, np.float64)
-    if truth is not None and floor is None:
-        floor = scale_relative_error(e64, t64)
+    measure_floor = truth is not None and floor is None
+    fast = (
+        _scaled_stats(name, e, a, t, measure_floor)
+        if all(x.dtype.kind == "f" for x in (e, a, t))
+        else None
+    )
+    if fast is not None:
+        stats, worst, scale, floor_err = fast
+        error, same_nonfinite = _relative(worst, scale), True
+        if measure_floor:
+            floor = _relative(floor_err, scale)
+    else:
+        e64, a64 = e.astype(np.float64), a.astype(np.float64)
+        t64 = e64 if truth is None else np.asarray(truth, np.float64)
+        if measure_floor:
+            floor = scale_relative_error(e64, t64)
+        judged = np.asarray(np.subtract(a64, t64))  # what the rule measures, elementwise
+        np.abs(judged, out=judged)
+        magnitude = np.abs(t64)
+        if math.isfinite(float(judged.sum())):  # then the truth is finite too
+            scale = float(magnitude.max())
+            error = _relative(float(judged.max()), scale)
+        else:  # NaN/inf somewhere: the one definition, over entries finite in both
+            judged = np.nan_to_num(judged, nan=np.inf)
+            finite_t = magnitude[np.isfinite(magnitude)]
+            scale = float(finite_t.max()) if finite_t.size else 0.0
+            error = scale_relative_error(a64, t64)
+        stats = _describe(name, e64, a64, judged, str(a.dtype))
+        same_nonfinite = stats.pop("same_nonfinite")
     floor_used = max(floor_min, floor if floor is not None else (nominal or floor_min))
     bound = k * floor_used
-    judged = np.asarray(np.subtract(a64, t64))  # what the rule measures, elementwise
-    np.abs(judged, out=judged)
-    magnitude = np.abs(t64)
-    if math.isfinite(float(judged.sum())):  # then the truth is finite too
-        scale = float(magnitude.max())
-        worst = float(judged.max())
-        error = 0.0 if worst == 0 else worst / max(scale, float(np.finfo(np.float32).tiny))
-    else:  # NaN/inf somewhere: the one definition, over entries finite in both
-        judged = np.nan_to_num(judged, nan=np.inf)
-        finite_t = magnitude[np.isfinite(magnitude)]
-        scale = float(finite_t.max()) if finite_t.size else 0.0
-        error = scale_relative_error(a64, t64)
-    stats = _describe(name, e64, a64, judged, str(a.dtype))
-    same_nonfinite = stats.pop("same_nonfinite")
     return ArrayComparison(
         **stats,
         atol=bound * scale,
@@ -439,55 +456,6 @@ def compare_scaled(
         floor_used=floor_used,
         bound=bound,
         usage=error / bound if same_nonfinite else None,
-    )
-
-
-def _scaled_result(
-    name: str,
-    e: np.ndarray,
-    a: np.ndarray,
-    stats: dict[str, Any],
-    rule: str,
-    *,
-    floor_min: float,
-    k: float,
-    floor: float | None,
-    nominal: float | None,
-    measured: bool,
-) -> ArrayComparison:
-    """:func:`compare_scaled`'s result from :func:`_scaled_stats` (every entry finite)."""
-    tiny = float(np.finfo(np.float32).tiny)
-    scale = stats["scale"]
-    if measured:
-        floor = 0.0 if stats["floor_err"] == 0 else stats["floor_err"] / max(scale, tiny)
-    floor_used = max(floor_min, floor if floor is not None else (nominal or floor_min))
-    bound = k * floor_used
-    worst = stats["worst"]
-    error = 0.0 if worst == 0 else worst / max(scale, tiny)
-    denom = math.sqrt(stats["ee"] * stats["aa"])
-    cosine = stats["ea"] / denom if denom > 0 else (1.0 if np.array_equal(e, a) else 0.0)
-    at = tuple(int(i) for i in np.unravel_index(stats["at"], e.shape))
-    return ArrayComparison(
-        name=name,
-        shape=tuple(int(x) for x in a.shape),
-        dtype=str(a.dtype),
-        max_abs=stats["max_abs"],
-        max_rel=stats["max_rel"],
-        mean_abs=stats["total"] / e.size,
-        cosine=cosine,
-        worst_index=at,
-        expected_at_worst=float(e[at]),
-        actual_at_worst=float(a[at]),
-        atol=bound * scale,
-        rtol=0.0,
-        passed=error <= bound,
-        needed_atol=error * scale,
-        rule=rule,
-        error=error,
-        floor=floor,
-        floor_used=floor_used,
-        bound=bound,
-        usage=error / bound,
     )
 
 

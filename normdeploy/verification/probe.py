@@ -135,16 +135,18 @@ def run_exposed(
             f"{len(names)} intermediate value(s) exposed for comparison",
             exposed_value_bytes(exposed, names, feeds),
         )
+        written: Path | None = None
         if staged is None:
             source: bytes | str = exposed.SerializeToString()
         else:
-            source = str(staged.with_name(EXPOSED_FILE))
-            write_exposed(staged, exposed.graph.output[before:], Path(source))
+            written = staged.with_name(EXPOSED_FILE)
+            write_exposed(staged, exposed.graph.output[before:], written)
+            source = str(written)
     try:
         session = OrtRunner(source, provider, arena=False).session
     finally:
-        if staged is not None:
-            staged.with_name(EXPOSED_FILE).unlink(missing_ok=True)
+        if written is not None:
+            written.unlink(missing_ok=True)
     del source
     outputs = [o.name for o in session.get_outputs()]
     return dict(zip(outputs, session.run(outputs, dict(feeds)), strict=True))

@@ -415,9 +415,7 @@ class ReferenceMemo:
         self, path: Path, provider: str, feeds: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray] | None:
         """The recorded outputs of the same file, unchanged, on the same inputs; or None."""
-        if not self.graph:
-            return None
-        identity = file_identity(path)
+        identity = file_identity(path) if self.graph else None
         return (
             None
             if identity is None

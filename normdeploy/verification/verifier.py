@@ -521,30 +521,20 @@ class _SetRun:
 RecordedGraph = Callable[[str, FeedSet], "Outputs | None"]
 
 
-def _checked_file(memo: ReferenceMemo | None, onnx_model: Any) -> bool:
-    """Whether the memo holds onnxruntime runs of this very file, unchanged (export's check)."""
-    if memo is None or not isinstance(onnx_model, (str, os.PathLike)):
-        return False
-    return memo.ran_file(Path(onnx_model))
-
-
 def _recorded_graph(
-    memo: ReferenceMemo | None,
-    onnx_model: Any,
-    runners: Mapping[str, OrtRunner],
-    notes: list[str],
+    memo: ReferenceMemo | None, onnx_model: Any, notes: list[str]
 ) -> RecordedGraph | None:
     """onnxruntime's outputs the memo holds for the candidate file on inputs verify runs
     (export's check ran the same file, unchanged since, on the same inputs): taken instead of
-    a second identical run, and said in the notes."""
-    if memo is None or not memo.graph or not isinstance(onnx_model, (str, os.PathLike)):
+    a second identical run, and said in the notes. None when the memo never ran this file."""
+    if memo is None or not isinstance(onnx_model, (str, os.PathLike)):
         return None
     path = Path(onnx_model)
+    if not memo.ran_file(path):
+        return None
     said: set[str] = set()
 
     def recorded(provider: str, fs: FeedSet) -> Outputs | None:
-        if provider not in runners or runners[provider].optimize:
-            return None
         hit = memo.graph_outputs(path, provider, fs.feeds)
         if hit is not None and provider not in said:
             said.add(provider)
@@ -807,16 +797,15 @@ def verify(
         sources = [s for s in (onnx_model, reference) if isinstance(s, (str, os.PathLike))]
         check_output_path(save_run, inputs=tuple(sources), overwrite=overwrite, what="run")
     notes: list[str] = []
-    checked = _checked_file(reference_outputs, onnx_model)
+    recorded = _recorded_graph(reference_outputs, onnx_model, notes)
     runners = _open_runners(
-        _session_source(onnx_model, candidate), cand_label, providers, notes, checked
-    )
+        _session_source(onnx_model, candidate), cand_label, providers, notes,
+        checked=recorded is not None,
+    )  # fmt: skip
     specs = graph_input_specs(candidate)
     first = next(iter(runners.values()))
     cand_outputs = (
-        [o.name for o in candidate.graph.output]
-        if first._session is None
-        else first.output_names
+        first.output_names if first.opened else [o.name for o in candidate.graph.output]
     )
     _check_override_names(atol, rtol, cand_outputs)
     batch_axes(specs, batch_axis)  # bad axes fail before any work
@@ -863,7 +852,6 @@ def verify(
             sets.append(FeedSet(label, None, user))
         batched_fs, alone_fs, extra = _plan_batch_check(sets, shapes.specs(), shapes.axes())
 
-    recorded = _recorded_graph(reference_outputs, onnx_model, runners, notes)
     runs = [_run_set(fs, CHECK, ref, runners, recorded) for fs in sets]
     extra_run = _run_set(extra, ALONE, ref, runners, recorded) if extra is not None else None
     notes += ref.notes
